@@ -1,0 +1,1 @@
+"""The ``torch`` backend: the fastest plain-torch compositions of the fused ops."""

@@ -1,0 +1,109 @@
+"""Shared test helpers: devices, backends, dtypes, layouts, tolerances."""
+from __future__ import annotations
+
+import torch
+
+import fastperc
+
+# Relative error allowed against the float64 reference, by input dtype (DESIGN.md).
+TOLERANCE = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1e-2,
+}
+# A float32 tl.dot may use tf32 on the GPU.
+TF32_TOLERANCE = 5e-4
+
+LAYOUTS = ("contiguous", "channels_last", "noncontiguous")
+DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+ON_GPU = torch.cuda.is_available()
+
+
+def backends_for(device: str) -> list[str]:
+    """The available backends that run tensors on ``device``."""
+    names = fastperc.available_backends()
+    if device == "cpu":
+        names = [b for b in names if b != "cuda" and (b != "triton" or not ON_GPU)]
+    return names
+
+
+def dtypes_for(backend: str, device: str) -> list[torch.dtype]:
+    """Input dtypes to test on a backend.
+
+    Under TRITON_INTERPRET=1 a bf16 tl.dot returned garbage (triton 3.9, numpy 2.4), so the
+    interpreted Triton kernels are tested in fp32 and fp16 only; bf16 is tested on the GPU.
+    """
+    if backend == "triton" and device == "cpu":
+        return [torch.float32, torch.float16]
+    return [torch.float32, torch.float16, torch.bfloat16]
+
+
+def backend_device_params(with_dtype: bool = True) -> list:
+    """pytest params (backend, device[, dtype]) over everything this machine can run."""
+    import pytest
+
+    params = []
+    for device in DEVICES:
+        for backend in backends_for(device):
+            if not with_dtype:
+                params.append(pytest.param(backend, device, id=f"{backend}-{device}"))
+                continue
+            for dtype in dtypes_for(backend, device):
+                name = str(dtype).removeprefix("torch.")
+                params.append(pytest.param(backend, device, dtype, id=f"{backend}-{device}-{name}"))
+    return params
+
+
+def make_input(
+    shape: tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    layout: str = "contiguous",
+    *,
+    scale: float = 1.0,
+    offset: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Random (never zero) N(offset, scale^2) data of ``shape`` in the given memory layout.
+
+    "noncontiguous" is a strided view into a larger buffer (every other column, an offset
+    channel), so it is neither NCHW- nor channels_last-contiguous.
+    """
+    if layout == "noncontiguous":
+        n, c, h, w = shape
+        big = torch.randn((n, c + 1, h, 2 * w), dtype=torch.float64, generator=generator)
+        x = (big * scale + offset).to(device=device, dtype=dtype)[:, 1:, :, ::2]
+    else:
+        x = torch.randn(shape, dtype=torch.float64, generator=generator) * scale + offset
+        x = x.to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||, computed in float64."""
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    denom = ref64.norm().item()
+    diff = (out64 - ref64).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, *, tol: float | None = None,
+                 what: str = "") -> None:
+    """``out`` matches the float64 reference ``ref`` within the tolerance of ``dtype``."""
+    assert out.shape == ref.shape, f"{what} shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{what} has non-finite values"
+    tol = TOLERANCE[dtype] if tol is None else tol
+    err = rel_err(out, ref)
+    assert err <= tol, f"{what} relative error {err:.3g} > {tol:.3g}"
+
+
+def reference_grads(fn, inputs: list[torch.Tensor], grad_out: torch.Tensor | None = None):
+    """(value, grads) of ``fn`` in float64 on float64 copies of ``inputs``."""
+    leaves = [t.detach().double().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    g = torch.ones_like(out) if grad_out is None else grad_out.double()
+    grads = torch.autograd.grad(out, leaves, g)
+    return out.detach(), grads
