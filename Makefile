@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml setup.py
 
 test: $(STAMP)
 	$(PY) -m pytest
+	$(PY) -m pytest benchmarks --benchmark-disable -q
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only
