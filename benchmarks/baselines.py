@@ -25,3 +25,31 @@ def tv_loss(x: torch.Tensor) -> torch.Tensor:
     dh = x[:, :, 1:, :] - x[:, :, :-1, :]
     dw = x[:, :, :, 1:] - x[:, :, :, :-1]
     return (dh.pow(2).sum() + dw.pow(2).sum()) / x.shape[0]
+
+
+class ExamplesLoss(torch.nn.Module):
+    """pytorch/examples' fast_neural_style training loss, as that script computes it:
+    content = mse_loss at relu2_2, style = sum of mse_loss between Gram matrices at the four
+    layers, images in [0, 255] normalised with the ImageNet statistics."""
+
+    def __init__(self, vgg, style: torch.Tensor, content_weight: float = 1e5, style_weight: float = 1e10):
+        super().__init__()
+        self.vgg = vgg
+        self.content_weight, self.style_weight = content_weight, style_weight
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        with torch.no_grad():
+            self.style_grams = [gram(f) for f in self.vgg(self.normalize(style.to(self.mean.device))).values()]
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        return (batch / 255.0 - self.mean) / self.std
+
+    def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        features_y = self.vgg(self.normalize(y))
+        features_x = self.vgg(self.normalize(x))
+        content = self.content_weight * F.mse_loss(features_y["relu2_2"], features_x["relu2_2"])
+        style = 0.0
+        for fy, gs in zip(features_y.values(), self.style_grams):
+            gy = gram(fy)
+            style = style + F.mse_loss(gy, gs[: len(y)].expand_as(gy))
+        return content + self.style_weight * style

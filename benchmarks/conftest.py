@@ -60,14 +60,21 @@ def _median_ms_cuda(fn: Callable[[], object]) -> float:
 def measure(benchmark):
     """measure(fn, op=..., shape=..., dtype=..., mode=..., provider=..., bytes=..., flops=...)
 
-    Times ``fn`` (a no-argument callable) and fills ``benchmark.extra_info``.
+    Times ``fn`` (a no-argument callable) and fills ``benchmark.extra_info`` (plus ``extra``).
+    On a GPU the peak memory of the timed runs is recorded as ``peak_mem_MB``.
     """
 
     def run(fn: Callable[[], object], *, op: str, shape, dtype: torch.dtype, mode: str,
-            provider: str, bytes: int, flops: int = 0, rounds: int | None = None) -> None:
+            provider: str, bytes: int, flops: int = 0, rounds: int | None = None,
+            extra: dict | None = None) -> None:
         fn()  # warm-up: compile, autotune, allocate
+        peak = {}
         if ON_GPU:
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            peak = {"peak_mem_MB": torch.cuda.max_memory_allocated() / 2**20}
             median_ms = _median_ms_cuda(fn)
 
             def timed():
@@ -86,6 +93,7 @@ def measure(benchmark):
             bytes=int(bytes), flops=int(flops), median_ms=median_ms,
             GBps=bytes / seconds / 1e9 if seconds > 0 else None,
             TFLOPs=flops / seconds / 1e12 if seconds > 0 and flops else None,
+            **peak, **(extra or {}),
         )
 
     return run

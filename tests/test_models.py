@@ -1,0 +1,148 @@
+"""TransformerNet (both variants) and SuperResolutionNet: checkpoint compatibility with the
+pytorch/examples layout, and the fused path equal to the plain one."""
+import pickle
+
+import pytest
+import torch
+
+import fastperc
+from examples_net import ExamplesTransformerNet, randomize_norms
+from helpers import rel_err
+
+
+def _examples_model(seed=0):
+    torch.manual_seed(seed)
+    return randomize_norms(ExamplesTransformerNet(), seed).eval()
+
+
+def test_state_dict_keys_are_the_examples_keys():
+    ours = fastperc.TransformerNet().state_dict()
+    theirs = ExamplesTransformerNet().state_dict()
+    assert list(ours) == list(theirs)
+    assert all(ours[k].shape == theirs[k].shape for k in ours)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("size", [(16, 16), (13, 18)])
+def test_examples_checkpoint_gives_the_examples_output(fused, size):
+    reference = _examples_model()
+    model = fastperc.TransformerNet(fused=fused).eval()
+    model.load_state_dict(reference.state_dict())
+    x = torch.rand(2, 3, *size) * 255
+    with torch.no_grad():
+        expected = reference(x)
+        got = model(x)
+    assert got.shape == expected.shape
+    assert rel_err(got, expected) < 1e-4
+
+
+def test_model_trained_here_loads_there(tmp_path):
+    model = randomize_norms(fastperc.TransformerNet(fused=True), seed=3).eval()
+    torch.save(model.state_dict(), tmp_path / "model.pth")
+    there = ExamplesTransformerNet().eval()
+    there.load_state_dict(torch.load(tmp_path / "model.pth", weights_only=True))
+    x = torch.rand(1, 3, 12, 12) * 255
+    with torch.no_grad():
+        assert rel_err(model(x), there(x)) < 1e-4
+
+
+def test_load_accepts_old_checkpoints_with_running_statistics(tmp_path):
+    reference = _examples_model(seed=1)
+    state = reference.state_dict()
+    for key in [k for k in state if k.endswith(".weight") and ("in" in k.split(".")[-2])]:
+        prefix = key[: -len("weight")]
+        state[prefix + "running_mean"] = torch.zeros_like(state[key])
+        state[prefix + "running_var"] = torch.ones_like(state[key])
+    assert "res3.in2.running_var" in state and "in1.running_mean" in state
+    torch.save(state, tmp_path / "old.model")
+    model = fastperc.TransformerNet.load(tmp_path / "old.model").eval()
+    x = torch.rand(1, 3, 8, 8) * 255
+    with torch.no_grad():
+        assert rel_err(model(x), reference(x)) < 1e-4
+
+
+def test_load_rejects_a_checkpoint_that_does_not_fit(tmp_path):
+    torch.save({"conv1.conv2d.weight": torch.zeros(2, 2)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="does not fit TransformerNet"):
+        fastperc.TransformerNet.load(tmp_path / "bad.pth")
+
+
+class _Exploit:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED_BY_CHECKPOINT",))
+
+
+def test_load_refuses_pickled_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"conv1.conv2d.weight": _Exploit()}, f)
+    with pytest.raises(ValueError, match="evil.pth: not a loadable"):
+        fastperc.TransformerNet.load(tmp_path / "evil.pth")
+    assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+@pytest.mark.parametrize("training", [False, True])
+def test_paper_variant_fused_equals_plain(norm, training):
+    torch.manual_seed(0)
+    plain = randomize_norms(fastperc.TransformerNet(fused=False, variant="paper", norm=norm))
+    fused = fastperc.TransformerNet(fused=True, variant="paper", norm=norm)
+    fused.load_state_dict(plain.state_dict())
+    plain.train(training)
+    fused.train(training)
+    x = torch.rand(2, 3, 12, 16) * 255
+    out_plain, out_fused = plain(x), fused(x)
+    assert out_fused.shape == (2, 3, 12, 16)
+    assert 0 <= out_fused.min() and out_fused.max() <= 255
+    assert rel_err(out_fused, out_plain) < 1e-4
+    if norm == "batch" and training:
+        assert rel_err(fused.in1.running_var, plain.in1.running_var) < 1e-5
+        assert int(fused.in1.num_batches_tracked) == int(plain.in1.num_batches_tracked) == 1
+    (out_fused.sum() / 1e4).backward()
+    (out_plain.sum() / 1e4).backward()
+    g_fused, g_plain = fused.conv2.conv2d.weight.grad, plain.conv2.conv2d.weight.grad
+    assert rel_err(g_fused, g_plain) < 1e-3
+
+
+def test_examples_fused_gradients_equal_plain():
+    torch.manual_seed(0)
+    plain = randomize_norms(fastperc.TransformerNet(fused=False))
+    fused = fastperc.TransformerNet(fused=True)
+    fused.load_state_dict(plain.state_dict())
+    x = torch.rand(1, 3, 12, 12) * 255
+    fused(x).pow(2).mean().backward()
+    plain(x).pow(2).mean().backward()
+    for name in ["conv1.conv2d.weight", "in1.weight", "res2.in2.bias", "deconv1.conv2d.weight", "in5.bias"]:
+        g_fused = fused.get_parameter(name).grad
+        g_plain = plain.get_parameter(name).grad
+        assert rel_err(g_fused, g_plain) < 1e-3, name
+
+
+@pytest.mark.parametrize("scale", [4, 8])
+def test_super_resolution_shapes_and_gradients(scale):
+    torch.manual_seed(0)
+    plain = randomize_norms(fastperc.SuperResolutionNet(scale, fused=False))
+    fused = fastperc.SuperResolutionNet(scale, fused=True)
+    fused.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 3, 5, 7) * 255
+    out = fused(x)
+    assert out.shape == (2, 3, 5 * scale, 7 * scale)
+    assert rel_err(out, plain(x)) < 1e-4
+    out.mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fused.parameters())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(variant="lua"), "variant: expected one of"),
+    (dict(norm="group"), "norm: expected one of"),
+])
+def test_bad_network_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastperc.TransformerNet(**kwargs)
+
+
+def test_bad_scale():
+    with pytest.raises(ValueError, match=r"scale: expected one of \[4, 8\], got 3"):
+        fastperc.SuperResolutionNet(3)
