@@ -6,6 +6,6 @@ installed as the subpackage `fastperc.kernels`.
 from setuptools import setup
 
 setup(
-    packages=["fastperc", "fastperc.models", "fastperc.ops", "fastperc.torch_backend", "fastperc.kernels"],
+    packages=["fastperc", "fastperc.bench", "fastperc.models", "fastperc.ops", "fastperc.torch_backend", "fastperc.kernels"],
     package_dir={"fastperc": "fastperc", "fastperc.kernels": "kernels"},
 )

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastperc
-from baselines import ExamplesLoss
+from fastperc.bench.baselines import ExamplesLoss
 from conftest import DEVICE, ON_GPU
 
 INFERENCE_SIZES = [(512, 512), (1024, 1024), (2160, 3840)] if ON_GPU else [(512, 512)]

@@ -1,0 +1,1 @@
+"""Benchmarks shared by the pytest-benchmark suites (benchmarks/) and ``fastperc bench``."""

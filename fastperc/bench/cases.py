@@ -1,0 +1,168 @@
+"""Benchmark cases: for every op, the shapes, the inputs, the competitors and the floors.
+
+A case is one (op, shape, dtype, mode). Its ``bytes`` and ``flops`` are what the op must
+move and compute at least (each input read once, each output written once); achieved GB/s
+and TFLOP/s are measured against them. Providers: "eager" (the torch composition a user
+would write, fastperc.bench.baselines), "compile" (torch.compile of it), and fastperc's
+backends by name ("torch", "triton", "cuda").
+
+Both the pytest-benchmark suites in benchmarks/ and ``fastperc bench`` take their cases
+from here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+import fastperc
+from fastperc.bench import baselines
+from fastperc.bench.shapes import IMAGE, VGG, scaled
+
+MODES = ("fwd", "fwd+bwd")
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """How to benchmark one op."""
+
+    name: str
+    shapes: dict[str, tuple]                     # label -> shape (full size)
+    make_inputs: Callable[[tuple, torch.dtype, str], list[torch.Tensor]]
+    eager: Callable[..., torch.Tensor]
+    bytes: Callable[[tuple, int, str], int]      # (shape, itemsize, mode) -> bytes
+    flops: Callable[[tuple, str], int] = lambda shape, mode: 0
+    fused_kwargs: dict = field(default_factory=dict)
+
+    def fused(self, backend: str) -> Callable[..., torch.Tensor]:
+        op = getattr(fastperc, self.name)
+        return lambda *args: op(*args, backend=backend, **self.fused_kwargs)
+
+
+@dataclass(frozen=True)
+class Case:
+    spec: OpSpec
+    label: str
+    shape: tuple
+    dtype: torch.dtype
+    mode: str
+    device: str
+
+    @property
+    def op(self) -> str:
+        return self.spec.name
+
+    @property
+    def bytes(self) -> int:
+        return self.spec.bytes(self.shape, torch.empty((), dtype=self.dtype).element_size(), self.mode)
+
+    @property
+    def flops(self) -> int:
+        return self.spec.flops(self.shape, self.mode)
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}-{self.label}-{str(self.dtype).removeprefix('torch.')}-{self.mode}"
+
+    def runner(self, provider: str, compiled: dict | None = None) -> Callable[[], object]:
+        """A no-argument callable running this case on ``provider`` with fresh random inputs."""
+        if provider == "eager":
+            fn = self.spec.eager
+        elif provider == "compile":
+            compiled = {} if compiled is None else compiled
+            fn = compiled.setdefault(self.op, torch.compile(self.spec.eager))
+        else:
+            fn = self.spec.fused(provider)
+        inputs = self.spec.make_inputs(self.shape, self.dtype, self.device)
+        if self.mode == "fwd":
+            return lambda: fn(*inputs)
+        leaves = [t for t in inputs if t.requires_grad]
+
+        def forward_backward():
+            out = fn(*inputs)
+            torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+        return forward_backward
+
+
+def _activation(shape, dtype, device, requires_grad=True):
+    """Non-negative like a ReLU output, of a real activation's magnitude; never all zero."""
+    x = (torch.rand(shape, device=device) * 3).to(dtype)
+    return x.requires_grad_(requires_grad)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _gram_bytes(shape, s, mode):
+    n, c, h, w = shape
+    fwd = n * c * h * w * s + n * c * c * s
+    return fwd if mode == "fwd" else fwd + n * c * c * s + 2 * n * c * h * w * s
+
+
+def _gram_flops(shape, mode):
+    n, c, h, w = shape
+    return 2 * n * c * c * h * w * (1 if mode == "fwd" else 2)
+
+
+def _style_inputs(shape, dtype, device):
+    x = _activation(shape, dtype, device)
+    target = baselines.gram(_activation((1,) + tuple(shape[1:]), torch.float32, device, False))[0]
+    return [x, target]
+
+
+def _style_bytes(shape, s, mode):
+    n, c, h, w = shape
+    fwd = n * c * h * w * s + c * c * 4
+    return fwd if mode == "fwd" else fwd + 2 * n * c * h * w * s + (n + 1) * c * c * 4
+
+
+SPECS: dict[str, OpSpec] = {
+    "gram": OpSpec("gram", VGG, lambda sh, dt, dev: [_activation(sh, dt, dev)], baselines.gram,
+                   _gram_bytes, _gram_flops),
+    "style_loss": OpSpec("style_loss", VGG, _style_inputs, baselines.style_loss, _style_bytes, _gram_flops),
+    "feature_loss": OpSpec(
+        "feature_loss", {"relu2_2": VGG["relu2_2"]},
+        lambda sh, dt, dev: [_activation(sh, dt, dev), _activation(sh, dt, dev, False)],
+        baselines.feature_loss,
+        lambda sh, s, mode: _numel(sh) * s * (2 if mode == "fwd" else 5)),
+    "tv_loss": OpSpec(
+        "tv_loss", {"image": IMAGE["image"], "relu1_2": VGG["relu1_2"]},
+        lambda sh, dt, dev: [(torch.rand(sh, device=dev) * 255).to(dt).requires_grad_(True)],
+        baselines.tv_loss,
+        lambda sh, s, mode: _numel(sh) * s * (1 if mode == "fwd" else 3)),
+}
+
+
+def dtypes_for(device: str) -> list[torch.dtype]:
+    return [torch.float32, torch.bfloat16] if device == "cuda" else [torch.float32]
+
+
+def iter_cases(device: str, *, quick: bool = False, ops: list[str] | None = None) -> Iterator[Case]:
+    """Every case to run on ``device``; small shapes on a CPU or with ``quick``."""
+    small = quick or device != "cuda"
+    for name, spec in SPECS.items():
+        if ops is not None and name not in ops:
+            continue
+        shapes = scaled(spec.shapes, small)
+        if quick:
+            shapes = dict(list(shapes.items())[:1])
+        for label, shape in shapes.items():
+            for dtype in dtypes_for(device):
+                for mode in MODES:
+                    yield Case(spec, label, shape, dtype, mode, device)
+
+
+def providers(device: str) -> list[str]:
+    """eager, compile (on the GPU, where compiling each shape pays), and fastperc's backends
+    that run natively here (not the reference, not Triton's CPU interpreter)."""
+    fused = [b for b in fastperc.available_backends()
+             if b in ("torch", "cuda") or (b == "triton" and device == "cuda")]
+    if device != "cuda":
+        fused = [b for b in fused if b != "cuda"]
+    return ["eager"] + (["compile"] if device == "cuda" else []) + fused
