@@ -1,0 +1,188 @@
+"""gram against the float64 reference on every available backend, and the Triton launchers'
+tiling (mirrored off-diagonal tiles, split-K) directly."""
+import pytest
+import torch
+
+import fastperc
+from fastperc import reference
+from helpers import (
+    LAYOUTS,
+    ON_GPU,
+    TOLERANCE,
+    assert_close,
+    backend_device_params,
+    make_input,
+    reference_grads,
+)
+
+# (2, 40, 9, 11): C spans several 16/32 tiles, so off-diagonal tiles and their mirrors are used.
+SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (1, 17, 3, 3), (2, 40, 9, 11)]
+TALL = (1, 16, 64, 64)  # C = 16, HW = 4096: one tile, a long reduction: split-K
+
+needs_triton = pytest.mark.skipif(
+    "triton" not in fastperc.available_backends(), reason="needs triton (CUDA or TRITON_INTERPRET=1)"
+)
+TRITON_DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Reproducible random inputs: a failure can be rerun."""
+    torch.manual_seed(0)
+
+
+def _kernels():
+    import fastperc.kernels.gram as kernels
+
+    return kernels
+
+
+def test_reference_matches_independent_formula():
+    x = make_input((2, 3, 4, 5), torch.float64)
+    by_loops = torch.stack([
+        torch.stack([torch.stack([(x[n, i] * x[n, j]).sum() for j in range(3)]) for i in range(3)])
+        for n in range(2)
+    ]) / (3 * 4 * 5)
+    assert torch.allclose(reference.gram(x), by_loops, rtol=1e-12)
+
+
+def test_reference_backward_matches_autograd():
+    x = make_input((2, 5, 3, 4), torch.float64, layout="channels_last")
+    dg = make_input((2, 5, 5, 1), torch.float64)[..., 0]  # not symmetric
+    _, (gx,) = reference_grads(reference.gram, [x], dg)
+    assert_close(reference.gram_backward(dg, x), gx, torch.float64)
+
+
+@pytest.mark.parametrize("backend,device,dtype", backend_device_params())
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward_backward(backend, device, dtype, layout, shape):
+    x = make_input(shape, dtype, device, layout, scale=2.0, offset=0.5).requires_grad_(True)
+    n, c = shape[:2]
+    dg = make_input((n, c, c, 1), torch.float32, device)[..., 0].to(dtype)  # asymmetric dL/dG
+    g = fastperc.gram(x, backend=backend)
+    assert g.dtype == dtype and g.shape == (n, c, c)
+    g.backward(dg)
+    ref, (gx,) = reference_grads(reference.gram, [x], dg)
+    assert_close(g, ref, dtype, what="gram")
+    assert x.grad.dtype == dtype
+    assert_close(x.grad, gx, dtype, what="grad x")
+    if layout == "channels_last" and not x.is_contiguous():
+        assert x.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params(with_dtype=False))
+def test_fp16_values_in_the_hundreds_do_not_overflow(backend, device):
+    # psi psi^T reaches 4096 * 300^2 ~ 4e8 before the 1/(CHW) scale: fp16 overflows at 65504.
+    x = make_input(TALL, torch.float16, device, scale=30.0, offset=300.0).requires_grad_(True)
+    dg = make_input((1, 16, 16, 1), torch.float16, device)[..., 0]
+    g = fastperc.gram(x, backend=backend)
+    g.backward(dg)
+    ref, (gx,) = reference_grads(reference.gram, [x], dg)
+    assert_close(g, ref, torch.float16, what="gram")
+    assert_close(x.grad, gx, torch.float16, what="grad x")
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params(with_dtype=False))
+def test_gradcheck_float64(backend, device):
+    x = make_input((2, 3, 2, 3), torch.float64, device).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: fastperc.gram(x, backend=backend), (x,), fast_mode=True)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params(with_dtype=False))
+def test_opcheck(backend, device):
+    x = make_input((2, 3, 4, 5), torch.float32, device).requires_grad_(True)
+    torch.library.opcheck(torch.ops.fastperc.gram.default, (x, backend))
+    dg = make_input((2, 3, 3, 1), torch.float32, device)[..., 0]
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.fastperc.gram_backward.default, (dg, x_cl, backend))
+
+
+def test_compile_fullgraph_forward_backward():
+    x = make_input((2, 3, 6, 5)).requires_grad_(True)
+    weight = make_input((2, 3, 3, 1))[..., 0]
+    compiled = torch.compile(lambda x: (fastperc.gram(x) * weight).sum(), fullgraph=True)
+    out = compiled(x)
+    out.backward()
+    ref, (gx,) = reference_grads(lambda x: (reference.gram(x) * weight.double()).sum(), [x])
+    assert_close(out, ref, torch.float32)
+    assert_close(x.grad, gx, torch.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", LAYOUTS + ("cropped",))
+def test_triton_small_tiles_mirror_off_diagonal_tiles(layout):
+    """16 x 16 tiles on C = 40: 3 x 3 tiles, 6 computed, 3 stored twice; the backward sums
+    over 3 j-blocks of M formed from mirrored tiles. "cropped": (H, W) do not flatten with
+    one stride, so the launcher copies x first."""
+    kernels = _kernels()
+    if layout == "cropped":
+        x = make_input((2, 40, 9, 12), torch.float32, TRITON_DEVICE)[..., 1:]
+    else:
+        x = make_input((2, 40, 9, 11), torch.float32, TRITON_DEVICE, layout)
+    dg = make_input((2, 40, 40, 1), torch.float32, TRITON_DEVICE)[..., 0]
+    ref, (gx,) = reference_grads(reference.gram, [x], dg)
+    for splits in (1, 2):
+        g = kernels.gram_forward(x, num_splits=splits, block_c=16, block_k=32)
+        assert_close(g, ref, torch.float32, what=f"gram (S={splits})")
+    dx = kernels.gram_backward(dg, x, block_m=16, block_j=16, block_k=128)
+    assert_close(dx, gx, torch.float32, what="grad x")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_split_k_matches_single_stage(dtype):
+    kernels = _kernels()
+    x = make_input(TALL, dtype, TRITON_DEVICE, "channels_last")
+    ref = reference.gram(x.double())
+    single = kernels.gram_forward(x, num_splits=1)
+    forced = kernels.gram_forward(x, num_splits=5)
+    block_c, block_k, _ = kernels._forward_config(16, dtype, x.device)
+    assert kernels._num_splits(1, 64 * 64, block_k, x.device) > 1  # the heuristic splits too
+    by_heuristic = kernels.gram_forward(x)
+    for g in (single, forced, by_heuristic):
+        assert_close(g, ref, dtype)
+    assert_close(forced, single.double(), dtype, tol=TOLERANCE[dtype])
+
+
+@needs_triton
+def test_triton_is_deterministic():
+    x = make_input(TALL, torch.float16, TRITON_DEVICE).requires_grad_(True)
+    dg = make_input((1, 16, 16, 1), torch.float16, TRITON_DEVICE)[..., 0]
+    runs = []
+    for _ in range(2):
+        x.grad = None
+        g = fastperc.gram(x, backend="triton")
+        g.backward(dg)
+        runs.append((g, x.grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@needs_triton
+def test_triton_precision_follows_the_tf32_flag():
+    kernels = _kernels()
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = True
+        assert kernels._precision(torch.float32) == "tf32"
+        assert kernels._precision(torch.float16) == kernels._precision(torch.float64) == "ieee"
+        matmul.allow_tf32 = False
+        assert kernels._precision(torch.float32) == "ieee"
+    finally:
+        matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize(
+    "x,error,match",
+    [
+        (torch.randn(3, 4, 5), ValueError, r"x: expected a 4-D tensor \(N, C, H, W\), got shape \(3, 4, 5\)"),
+        (torch.randn(0, 3, 4, 5), ValueError, "x: expected a non-empty"),
+        (torch.ones(1, 3, 4, 5, dtype=torch.int32), TypeError, "x: expected a floating-point"),
+        (torch.ones(1, 3, 4, 5, dtype=torch.bool), TypeError, "x: expected a floating-point"),
+        ("x", TypeError, "x: expected a torch.Tensor, got str"),
+    ],
+)
+def test_bad_inputs(x, error, match):
+    with pytest.raises(error, match=match):
+        fastperc.gram(x)
