@@ -14,8 +14,8 @@ Every conv is preceded by reflection padding of kernel_size // 2.
 (transposed 3x3, stride 2) convolutions, the normalisation is batch norm by default
 (``norm="instance"`` selects instance norm), and the output is 127.5 * (tanh(y) + 1), in [0, 255].
 
-``fused=True`` runs the fused ops (instance_norm with its ReLU and residual add,
-upsample_conv2d, conv_transpose2d, batch_norm_relu); ``fused=False`` runs plain torch modules.
+``fused=True`` runs the fused ops (instance_norm and batch_norm with their ReLU and residual
+add, upsample_conv2d, conv_transpose2d); ``fused=False`` runs plain torch modules.
 Both compute the same function of the same weights.
 
 Sizes: a (N, 3, H, W) input gives (N, 3, 4*ceil(ceil(H/2)/2), 4*ceil(ceil(W/2)/2)), the
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastperc.checkpoints import load_state_dict_file
-from fastperc.ops import batch_norm_relu, conv_transpose2d, instance_norm, upsample_conv2d
+from fastperc.ops import batch_norm, conv_transpose2d, instance_norm, upsample_conv2d
 
 VARIANTS = ("examples", "paper")
 NORMS = ("instance", "batch")
@@ -99,18 +99,14 @@ def _batch_norm_args(norm: nn.BatchNorm2d) -> tuple[bool, float]:
 
 def normalize(norm: nn.Module, x: torch.Tensor, *, fused: bool, relu: bool,
               residual: torch.Tensor | None = None) -> torch.Tensor:
-    """norm(x), then ReLU if ``relu``, then + ``residual``: one fused op where there is one."""
-    if isinstance(norm, nn.InstanceNorm2d):
-        if fused:
-            return instance_norm(x, norm.weight, norm.bias, norm.eps, relu=relu, residual=residual)
-        y = norm(x)
-    elif fused and relu and residual is None:
+    """norm(x), then ReLU if ``relu``, then + ``residual``: one fused op when ``fused``."""
+    if fused and isinstance(norm, nn.InstanceNorm2d):
+        return instance_norm(x, norm.weight, norm.bias, norm.eps, relu=relu, residual=residual)
+    if fused:
         training, momentum = _batch_norm_args(norm)
-        return batch_norm_relu(x, norm.weight, norm.bias, norm.running_mean, norm.running_var,
-                               training=training, momentum=momentum, eps=norm.eps)
-    else:
-        # Batch norm without a ReLU (the end of a residual block): no fused op for it.
-        y = norm(x)
+        return batch_norm(x, norm.weight, norm.bias, norm.running_mean, norm.running_var,
+                          training=training, momentum=momentum, eps=norm.eps, relu=relu, residual=residual)
+    y = norm(x)
     if relu:
         y = F.relu(y, inplace=True)
     return y if residual is None else y + residual
