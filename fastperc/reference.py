@@ -77,3 +77,158 @@ def tv_loss(x: torch.Tensor, p: int = 2, reduction: str = "mean") -> torch.Tenso
     if reduction == "sum":
         return per_image.sum()
     return per_image.mean()
+
+# -- normalisation: instance norm and batch norm, with ReLU and the residual add -----------
+#
+# y = γ (x − μ) / √(σ² + ε) + β, then ReLU if asked, then + residual if given. μ and the biased
+# variance σ² are taken per (n, c) over H×W (instance norm) or per c over N×H×W (batch norm).
+# Everything is computed in float64 and returned in x's dtype and memory layout.
+#
+# The backend-level functions (``*_forward`` / ``*_backward``) have the launcher signatures
+# every backend implements, and return the saved statistics in the accumulation dtype A
+# (float32, float64 for float64 inputs):
+#   mean: (2, G, C), a double-float: mean[0] + mean[1] is μ, mean[0] is μ rounded to A, so
+#         that x − μ = (x − mean[0]) − mean[1] stays exact when |μ| ≫ σ;
+#   rstd: (G, C) = 1/√(σ² + ε) (instance norm, G = N); var: (C,) = σ² (batch norm, G = 1).
+
+
+def _norm_dims(per_sample: bool) -> tuple[int, ...]:
+    return (2, 3) if per_sample else (0, 2, 3)
+
+
+def _as_channel(t: torch.Tensor | None, per_sample: bool) -> torch.Tensor | None:
+    """(C,), (G, C) or (2, G, C)[i] statistics/parameters -> broadcastable over (N, C, H, W)."""
+    if t is None:
+        return None
+    t = t.double()
+    return t.reshape(-1, t.shape[-1], 1, 1) if (per_sample and t.dim() == 2) else t.reshape(1, -1, 1, 1)
+
+
+def _split_mean(mu: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """float64 μ -> (2, ...) double-float in ``acc``: μ rounded, then the remainder."""
+    hi = mu.to(acc)
+    return torch.stack([hi, (mu - hi.double()).to(acc)])
+
+
+def _like(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` in x's dtype, laid out as ``torch.empty_like(x)``."""
+    return torch.empty_like(x).copy_(value)
+
+
+def _affine(xhat, weight, bias, relu, residual, per_sample: bool = True):
+    z = xhat
+    if weight is not None:
+        z = z * _as_channel(weight, per_sample)
+    if bias is not None:
+        z = z + _as_channel(bias, per_sample)
+    y = torch.relu(z) if relu else z
+    if residual is not None:
+        y = y + residual.double()
+    return z, y
+
+
+def _acc(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _stats(x: torch.Tensor, per_sample: bool):
+    """float64 (μ, σ²) of shape (G, C): per (n, c) over H×W (G = N), or per c over N×H×W (G = 1)."""
+    x64 = x.double()
+    dims = _norm_dims(per_sample)
+    mu = x64.mean(dim=dims, keepdim=True)
+    var = (x64 - mu).pow(2).mean(dim=dims, keepdim=True)
+    return mu.reshape(mu.shape[:2]), var.reshape(var.shape[:2])
+
+
+def instance_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                  eps: float = 1e-5, relu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Instance normalisation, then ReLU if ``relu``, then + ``residual``.
+
+    x: (N, C, H, W); weight γ, bias β: (C,) or None (1 and 0); residual: like x or None.
+        μ[n,c] = mean_{h,w} x[n,c],  σ²[n,c] = mean_{h,w} (x[n,c] − μ[n,c])²
+        y = relu?(γ[c] (x − μ[n,c]) / √(σ²[n,c] + ε) + β[c]) (+ residual)     -> x's dtype
+    Differentiable by autograd (the tests' oracle for the backward).
+    """
+    return instance_norm_forward(x, weight, bias, residual, eps, relu)[0]
+
+
+def batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+               running_mean: torch.Tensor | None = None, running_var: torch.Tensor | None = None,
+               training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
+               relu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Batch normalisation as ``F.batch_norm``, then ReLU if ``relu``, then + ``residual``.
+
+    training: μ[c], σ²[c] (biased) over (N, H, W); the running statistics, when given, are
+    updated in place: r_μ ← (1 − m) r_μ + m μ,  r_σ² ← (1 − m) r_σ² + m σ² M/(M − 1), M = N H W.
+    Otherwise μ, σ² are the running statistics. y as in :func:`instance_norm`, per channel.
+    """
+    y, mean, var = batch_norm_forward(x, weight, bias, residual, running_mean, running_var, training, eps, relu)
+    if training and running_mean is not None:
+        mu, var = _stats(x.detach(), False)
+        m = x.numel() // x.shape[1]
+        with torch.no_grad():
+            running_mean.copy_((1 - momentum) * running_mean.double() + momentum * mu[0])
+            running_var.copy_((1 - momentum) * running_var.double() + momentum * var[0] * m / (m - 1))
+    return y
+
+
+def instance_norm_forward(x, weight, bias, residual, eps: float, relu: bool):
+    """Backend signature: -> (y, mean (2, N, C), rstd (N, C)); see the section comment."""
+    mu, var = _stats(x, True)
+    rstd = 1 / torch.sqrt(var + eps)
+    xhat = (x.double() - _as_channel(mu, True)) * _as_channel(rstd, True)
+    _, y = _affine(xhat, weight, bias, relu, residual)
+    return _like(x, y), _split_mean(mu, _acc(x)), rstd.to(_acc(x))
+
+
+def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, training: bool,
+                       eps: float, relu: bool):
+    """Backend signature: -> (y, mean (2, 1, C), var (1, C)): the batch statistics when
+    ``training`` (biased σ²), else the running ones. Running statistics are not touched."""
+    if training:
+        mu, var = _stats(x, False)
+    else:
+        mu, var = running_mean.double().reshape(1, -1), running_var.double().reshape(1, -1).clone()
+    xhat = (x.double() - _as_channel(mu, False)) / torch.sqrt(_as_channel(var, False) + eps)
+    _, y = _affine(xhat, weight, bias, relu, residual, per_sample=False)
+    return _like(x, y), _split_mean(mu, _acc(x)), var.to(_acc(x))
+
+
+def _norm_backward(dy, x, weight, bias, mean, rstd, relu: bool, per_sample: bool, centred: bool):
+    """The gradient of y = relu?(γ x̂ + β) (+ r), x̂ = (x − μ) rstd, M elements per statistic:
+        g   = dy · [γ x̂ + β > 0]  (dy without ReLU)
+        A   = Σ g,  B = Σ g x̂   (per statistic, over its M elements)
+        dx  = γ rstd (g − A/M − x̂ B/M)   (centred: μ, σ² are statistics of x)
+            = γ rstd g                    (otherwise: running statistics are constants)
+        dγ  = Σ_{n,h,w} g x̂,  dβ = Σ_{n,h,w} g;  d residual = dy.
+    """
+    dims = _norm_dims(per_sample)
+    mu = _as_channel(mean[0], per_sample) + _as_channel(mean[1], per_sample)
+    r = _as_channel(rstd, per_sample)
+    xhat = (x.double() - mu) * r
+    z, _ = _affine(xhat, weight, bias, False, None, per_sample)
+    g = dy.double()
+    if relu:
+        g = torch.where(z > 0, g, torch.zeros_like(g))
+    gamma = _as_channel(weight, per_sample) if weight is not None else 1.0
+    if centred:
+        m = x.numel() // (x.shape[0] * x.shape[1]) if per_sample else x.numel() // x.shape[1]
+        a = g.sum(dim=dims, keepdim=True)
+        b = (g * xhat).sum(dim=dims, keepdim=True)
+        dx = gamma * r * (g - a / m - xhat * b / m)
+    else:
+        dx = gamma * r * g
+    acc = _acc(x)
+    return (_like(x, dx), (g * xhat).sum(dim=(0, 2, 3)).to(acc), g.sum(dim=(0, 2, 3)).to(acc))
+
+
+def instance_norm_backward(dy, x, weight, bias, mean, rstd, relu: bool):
+    """Backend signature: -> (dx in x's dtype and layout, dweight (C,), dbias (C,) in A)."""
+    return _norm_backward(dy, x, weight, bias, mean, rstd, relu, True, True)
+
+
+def batch_norm_backward(dy, x, weight, bias, mean, var, training: bool, eps: float, relu: bool):
+    """Backend signature: -> (dx, dweight (C,), dbias (C,)); rstd = 1/√(var + ε)."""
+    rstd = 1 / torch.sqrt(var.double() + eps)
+    return _norm_backward(dy, x, weight, bias, mean, rstd, relu, False, training)
+

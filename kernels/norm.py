@@ -1,0 +1,478 @@
+"""Instance and batch normalisation with the fused ReLU and residual add: forward and backward.
+
+Launchers (tensors and plain Python scalars in, tensors out; Optional tensors as None). A is
+the accumulation dtype (float32, float64 for float64 inputs); G = N for instance norm, 1 for
+batch norm; outputs y and dx are laid out as ``torch.empty_like(x)`` (NCHW in, NCHW out;
+channels_last in, channels_last out):
+
+    instance_norm_forward(x, weight, bias, residual, eps, relu)
+        -> (y, mean (2, N, C) A, rstd (N, C) A)
+    instance_norm_backward(dy, x, weight, bias, mean, rstd, relu)
+        -> (dx, dweight (C,) A, dbias (C,) A)
+    batch_norm_forward(x, weight, bias, residual, running_mean, running_var, training, eps, relu)
+        -> (y, mean (2, 1, C) A, var (1, C) A)     batch statistics if training, else running
+    batch_norm_backward(dy, x, weight, bias, mean, var, training, eps, relu)
+        -> (dx, dweight (C,) A, dbias (C,) A)
+
+x: (N, C, H, W) fp16/bf16/fp32/fp64, any strides (read in place when H and W can be walked
+with one stride, as in NCHW, channels_last and most views; copied otherwise); weight, bias:
+(C,) any float dtype or None; residual: like x or None. ``mean`` is a double-float:
+mean[0] + mean[1] = μ with mean[0] = fl(μ), so that x − μ = (x − mean[0]) − mean[1] stays
+accurate when |μ| ≫ σ (a mean of 1000 with a spread of 0.01).
+
+The tensor is seen as (B, C, S = H·W) with strides (sb, sc, ss); a statistic covers (b, c)
+over S (instance norm) or c over B·S (batch norm). Kernels work on (BLOCK_C, BLOCK_S) tiles,
+whose shape follows the layout (long along S for NCHW, wide along C for channels_last).
+
+Forward, three launches:
+  1. ``_stats_partial``: each program reduces one chunk of S for BLOCK_C channels of one b to
+     (mean, M2) of x − pivot in fp32: per tile a two-pass mean and M2 (the tile sits in
+     registers), tiles merged by Chan's formula. The pivot (the first element of the group)
+     keeps the data near zero, so that a large mean costs no precision. Splitting S over
+     programs keeps the GPU busy when there are few (n, c) rows (128 rows of 65,536 at batch 4);
+     the split is chosen from the shape (``plan``).
+  2. ``_stats_finalize``: merges the partials of each statistic in a fixed order (deterministic,
+     no atomics) into the double-float mean, the biased variance and rstd.
+  3. ``_apply``: y = relu?((x − μ) · rstd γ + β) (+ residual), one read of x (and residual),
+     one write. It walks the tensor in reverse order, so that its first reads find what the
+     stats pass left in L2.
+Backward, three launches: ``_bwd_partial`` (fp32 partial sums A = Σ g, B = Σ g x̂ with
+g = dy · relu mask, the mask recomputed from x and the saved statistics: no extra tensor is
+saved and it works with the residual), ``_bwd_finalize`` (per-statistic A, B and the
+parameter gradients dγ = Σ B, dβ = Σ A, in a fixed order), ``_bwd_apply``
+(dx = γ rstd (g − A/M − x̂ B/M), or γ rstd g for running statistics). Bytes: forward
+3 (4 with residual) passes of x's size when x does not stay in L2, 2 when it does; backward 5.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import acc_dtype, cdiv
+
+# Largest tile, in elements, on the GPU and in the CPU interpreter (smaller there, so that the
+# tests' small shapes still span several tiles and chunks).
+MAX_TILE = {"cuda": 4096, "cpu": 1024}
+# The reductions aim at this many programs per SM; the CPU interpreter counts as 2 SMs.
+PROGRAMS_PER_SM = 4
+MAX_SPLITS = 1024
+
+
+# -- device helpers ------------------------------------------------------------------------
+# Compiled, these are ordinary @triton.jit functions. Under TRITON_INTERPRET=1 every call of a
+# jitted helper re-patches triton.language (milliseconds a call, the bulk of the interpreted
+# kernels' time), so there they run as plain Python inside the interpreted kernel: the same
+# source, the same semantics. Triton itself reads TRITON_INTERPRET when a kernel is decorated.
+_device_fn = (lambda fn: fn) if os.environ.get("TRITON_INTERPRET", "0") == "1" else triton.jit
+
+
+@_device_fn
+def _rstd(s, eps, STAT_IS_VAR: tl.constexpr):
+    """rstd from the saved statistic: itself, or 1/sqrt(var + eps)."""
+    if STAT_IS_VAR:
+        return 1.0 / tl.sqrt(s + tl.cast(eps, s.dtype))
+    return s
+
+
+@_device_fn
+def _tile(ptr, b, c, s, cmask, smask, sb, sc, ss):
+    """Load the (BLOCK_C, BLOCK_S) tile of channels c and positions s of image b (0 outside)."""
+    offs = b.to(tl.int64) * sb + c.to(tl.int64)[:, None] * sc + s.to(tl.int64)[None, :] * ss
+    return tl.load(ptr + offs, mask=cmask[:, None] & smask[None, :], other=0.0)
+
+
+@_device_fn
+def _channel_stats(w_ptr, b_ptr, mean_ptr, stat_ptr, stat_off, lo_off, c, cmask, eps,
+                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, STAT_IS_VAR: tl.constexpr):
+    """Per-channel (hi, lo, rstd, scale = rstd γ, shift = β) of one statistic row, in A."""
+    acc = mean_ptr.dtype.element_ty
+    hi = tl.load(mean_ptr + stat_off + c, mask=cmask, other=0.0)
+    lo = tl.load(mean_ptr + lo_off + stat_off + c, mask=cmask, other=0.0)
+    rstd = _rstd(tl.load(stat_ptr + stat_off + c, mask=cmask, other=1.0), eps, STAT_IS_VAR)
+    scale = rstd
+    if HAS_W:
+        scale = scale * tl.load(w_ptr + c, mask=cmask, other=1.0).to(acc)
+    shift = tl.zeros_like(scale)
+    if HAS_B:
+        shift = tl.load(b_ptr + c, mask=cmask, other=0.0).to(acc)
+    return hi, lo, rstd, scale, shift
+
+
+@_device_fn
+def _centre(x, hi, lo):
+    """(x − μ) for a double-float μ = hi + lo, in A."""
+    return (x.to(hi.dtype) - hi[:, None]) - lo[:, None]
+
+
+@_device_fn
+def _pre_activation(xm, scale, shift):
+    """z = (x − μ) · rstd γ + β; one fused multiply-add, identical in forward and backward."""
+    return tl.fma(xm, scale[:, None], shift[:, None])
+
+
+@_device_fn
+def _tile_range(pid, n_splits, c_blocks, S, CHUNK, BLOCK_C: tl.constexpr):
+    """(b, channels, first and end position) of a chunk program, pid = (b·c_blocks + cb)·n_splits + split."""
+    split = pid % n_splits
+    bc = pid // n_splits
+    cb = bc % c_blocks
+    b = bc // c_blocks
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    s_begin = split * CHUNK
+    s_end = tl.minimum(s_begin + CHUNK, S)
+    return b, c, s_begin, s_end
+
+
+# -- forward -------------------------------------------------------------------------------
+
+
+@triton.jit
+def _stats_partial(x_ptr, pmean_ptr, pm2_ptr, C, S, sb, sc, ss, pivot_sb, CHUNK, n_splits, c_blocks,
+                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid = tl.program_id(0)
+    b, c, s_begin, s_end = _tile_range(pid, n_splits, c_blocks, S, CHUNK, BLOCK_C)
+    acc = pmean_ptr.dtype.element_ty
+    cmask = c < C
+    pivot = tl.load(x_ptr + b.to(tl.int64) * pivot_sb + c.to(tl.int64) * sc, mask=cmask, other=0.0).to(acc)
+    mean = tl.zeros([BLOCK_C], dtype=acc)
+    m2 = tl.zeros([BLOCK_C], dtype=acc)
+    count = tl.zeros([BLOCK_C], dtype=acc)  # a vector: every channel has seen the same positions
+    for start in range(s_begin, s_end, BLOCK_S):
+        s = start + tl.arange(0, BLOCK_S)
+        smask = s < s_end
+        d = _tile(x_ptr, b, c, s, cmask, smask, sb, sc, ss).to(acc) - pivot[:, None]
+        n_t = tl.minimum(s_end - start, BLOCK_S).to(acc)
+        mean_t = tl.sum(tl.where(smask[None, :], d, 0.0), axis=1) / n_t
+        dev = tl.where(smask[None, :], d - mean_t[:, None], 0.0)
+        m2_t = tl.sum(dev * dev, axis=1)
+        # Chan et al.: merge (count, mean, m2) with the tile's (n_t, mean_t, m2_t).
+        total = count + n_t
+        delta = mean_t - mean
+        mean += delta * (n_t / total)
+        m2 += m2_t + delta * delta * (count * (n_t / total))
+        count = total
+    out = (b * n_splits + pid % n_splits) * C + c
+    tl.store(pmean_ptr + out, mean, mask=cmask)
+    tl.store(pm2_ptr + out, m2, mask=cmask)
+
+
+@triton.jit
+def _stats_finalize(x_ptr, pmean_ptr, pm2_ptr, mean_ptr, rstd_ptr, var_ptr, C, S, sc, pivot_sb,
+                    CHUNK, n_splits, n_parts, lo_off, eps, BLOCK_C: tl.constexpr):
+    """Program (g, cb): merge the n_parts partials of statistic row g (parts g·n_parts ...)."""
+    g = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    acc = pmean_ptr.dtype.element_ty
+    mean = tl.zeros([BLOCK_C], dtype=acc)
+    m2 = tl.zeros([BLOCK_C], dtype=acc)
+    count = tl.zeros([BLOCK_C], dtype=acc)
+    for j in range(n_parts):
+        part = g * n_parts + j
+        n_j = tl.minimum(CHUNK, S - (part % n_splits) * CHUNK).to(acc)
+        mean_j = tl.load(pmean_ptr + part * C + c, mask=cmask, other=0.0)
+        m2_j = tl.load(pm2_ptr + part * C + c, mask=cmask, other=0.0)
+        total = count + n_j
+        delta = mean_j - mean
+        mean += delta * (n_j / total)
+        m2 += m2_j + delta * delta * (count * (n_j / total))
+        count = total
+    var = m2 / count
+    pivot = tl.load(x_ptr + g.to(tl.int64) * pivot_sb + c.to(tl.int64) * sc, mask=cmask, other=0.0).to(acc)
+    # TwoSum: hi + lo == pivot + mean exactly.
+    hi = pivot + mean
+    bb = hi - pivot
+    lo = (pivot - (hi - bb)) + (mean - bb)
+    tl.store(mean_ptr + g * C + c, hi, mask=cmask)
+    tl.store(mean_ptr + lo_off + g * C + c, lo, mask=cmask)
+    tl.store(var_ptr + g * C + c, var, mask=cmask)
+    tl.store(rstd_ptr + g * C + c, _rstd(var, eps, True), mask=cmask)
+
+
+@triton.jit
+def _apply(x_ptr, y_ptr, r_ptr, w_ptr, b_ptr, mean_ptr, stat_ptr, eps, C, S, c_blocks, s_blocks,
+           sxb, sxc, sxs, syb, syc, sys, srb, src, srs, stat_sb, lo_off,
+           HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr, RELU: tl.constexpr,
+           STAT_IS_VAR: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    # Reverse order: the last tiles the stats pass read are the likeliest to be in L2.
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    sblk = pid % s_blocks
+    bc = pid // s_blocks
+    cb = bc % c_blocks
+    b = bc // c_blocks
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = sblk * BLOCK_S + tl.arange(0, BLOCK_S)
+    cmask = c < C
+    smask = s < S
+    hi, lo, rstd, scale, shift = _channel_stats(w_ptr, b_ptr, mean_ptr, stat_ptr, b * stat_sb, lo_off, c, cmask,
+                                                eps, HAS_W, HAS_B, STAT_IS_VAR)
+    z = _pre_activation(_centre(_tile(x_ptr, b, c, s, cmask, smask, sxb, sxc, sxs), hi, lo), scale, shift)
+    if RELU:
+        z = tl.where(z < 0, 0.0, z)
+    if HAS_R:
+        z += _tile(r_ptr, b, c, s, cmask, smask, srb, src, srs).to(z.dtype)
+    offs = b.to(tl.int64) * syb + c.to(tl.int64)[:, None] * syc + s.to(tl.int64)[None, :] * sys
+    tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=cmask[:, None] & smask[None, :])
+
+
+# -- backward ------------------------------------------------------------------------------
+
+
+@_device_fn
+def _masked_grad(dy_ptr, x_ptr, b, c, s, cmask, smask, hi, lo, rstd, scale, shift,
+                 sdb, sdc, sds, sxb, sxc, sxs, RELU: tl.constexpr):
+    """(g, x̂) of one tile: g = dy · [z > 0] (dy without ReLU), x̂ = (x − μ) rstd."""
+    xm = _centre(_tile(x_ptr, b, c, s, cmask, smask, sxb, sxc, sxs), hi, lo)
+    g = _tile(dy_ptr, b, c, s, cmask, smask, sdb, sdc, sds).to(xm.dtype)
+    if RELU:
+        g = tl.where(_pre_activation(xm, scale, shift) > 0, g, 0.0)
+    return g, xm * rstd[:, None]
+
+
+@triton.jit
+def _bwd_partial(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, stat_ptr, pa_ptr, pb_ptr, eps, C, S,
+                 sdb, sdc, sds, sxb, sxc, sxs, stat_sb, lo_off, CHUNK, n_splits, c_blocks,
+                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, RELU: tl.constexpr,
+                 STAT_IS_VAR: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid = tl.program_id(0)
+    b, c, s_begin, s_end = _tile_range(pid, n_splits, c_blocks, S, CHUNK, BLOCK_C)
+    cmask = c < C
+    hi, lo, rstd, scale, shift = _channel_stats(w_ptr, b_ptr, mean_ptr, stat_ptr, b * stat_sb, lo_off, c, cmask,
+                                                eps, HAS_W, HAS_B, STAT_IS_VAR)
+    sum_a = tl.zeros([BLOCK_C], dtype=hi.dtype)
+    sum_b = tl.zeros([BLOCK_C], dtype=hi.dtype)
+    for start in range(s_begin, s_end, BLOCK_S):
+        s = start + tl.arange(0, BLOCK_S)
+        smask = s < s_end
+        g, xhat = _masked_grad(dy_ptr, x_ptr, b, c, s, cmask, smask, hi, lo, rstd, scale, shift,
+                               sdb, sdc, sds, sxb, sxc, sxs, RELU)
+        sum_a += tl.sum(g, axis=1)
+        sum_b += tl.sum(g * xhat, axis=1)
+    out = (b * n_splits + pid % n_splits) * C + c
+    tl.store(pa_ptr + out, sum_a, mask=cmask)
+    tl.store(pb_ptr + out, sum_b, mask=cmask)
+
+
+@triton.jit
+def _bwd_finalize(pa_ptr, pb_ptr, ra_ptr, rb_ptr, dw_ptr, db_ptr, C, G, n_parts, BLOCK_C: tl.constexpr):
+    """Program cb: per statistic row g, A and B summed over its n_parts partials (in order);
+    dγ = Σ_g B, dβ = Σ_g A."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    acc = pa_ptr.dtype.element_ty
+    dw = tl.zeros([BLOCK_C], dtype=acc)
+    db = tl.zeros([BLOCK_C], dtype=acc)
+    for g in range(G):
+        a = tl.zeros([BLOCK_C], dtype=acc)
+        bsum = tl.zeros([BLOCK_C], dtype=acc)
+        for j in range(n_parts):
+            part = g * n_parts + j
+            a += tl.load(pa_ptr + part * C + c, mask=cmask, other=0.0)
+            bsum += tl.load(pb_ptr + part * C + c, mask=cmask, other=0.0)
+        tl.store(ra_ptr + g * C + c, a, mask=cmask)
+        tl.store(rb_ptr + g * C + c, bsum, mask=cmask)
+        db += a
+        dw += bsum
+    tl.store(dw_ptr + c, dw, mask=cmask)
+    tl.store(db_ptr + c, db, mask=cmask)
+
+
+@triton.jit
+def _bwd_apply(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, stat_ptr, ra_ptr, rb_ptr, eps, M,
+               C, S, c_blocks, s_blocks, sdb, sdc, sds, sxb, sxc, sxs, sob, soc, sos, stat_sb, lo_off,
+               HAS_W: tl.constexpr, HAS_B: tl.constexpr, RELU: tl.constexpr, CENTRED: tl.constexpr,
+               STAT_IS_VAR: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    sblk = pid % s_blocks
+    bc = pid // s_blocks
+    cb = bc % c_blocks
+    b = bc // c_blocks
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = sblk * BLOCK_S + tl.arange(0, BLOCK_S)
+    cmask = c < C
+    smask = s < S
+    hi, lo, rstd, scale, shift = _channel_stats(w_ptr, b_ptr, mean_ptr, stat_ptr, b * stat_sb, lo_off, c, cmask,
+                                                eps, HAS_W, HAS_B, STAT_IS_VAR)
+    g, xhat = _masked_grad(dy_ptr, x_ptr, b, c, s, cmask, smask, hi, lo, rstd, scale, shift,
+                           sdb, sdc, sds, sxb, sxc, sxs, RELU)
+    if CENTRED:
+        m = tl.cast(M, hi.dtype)  # an exact integer
+        a = tl.load(ra_ptr + b * stat_sb + c, mask=cmask, other=0.0) / m
+        bm = tl.load(rb_ptr + b * stat_sb + c, mask=cmask, other=0.0) / m
+        g = g - a[:, None] - xhat * bm[:, None]
+    dx = g * scale[:, None]
+    offs = b.to(tl.int64) * sob + c.to(tl.int64)[:, None] * soc + s.to(tl.int64)[None, :] * sos
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=cmask[:, None] & smask[None, :])
+
+
+# -- launch planning -----------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def _bcs_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(sb, sc, ss) when H and W can be walked as one axis of stride ss, else None."""
+    _, _, h, w = t.shape
+    sb, sc, sh, sw = t.stride()
+    if w == 1:
+        return sb, sc, sh
+    if h == 1 or sh == w * sw:
+        return sb, sc, sw
+    return None
+
+
+def _walkable(t: torch.Tensor, *, output: bool = False) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """``t`` (or, when its H and W cannot be walked with one stride, a contiguous copy of it, or
+    for an output a contiguous buffer to copy back from) and its (sb, sc, ss)."""
+    strides = _bcs_strides(t)
+    if strides is None:
+        t = torch.empty(t.shape, dtype=t.dtype, device=t.device) if output else t.contiguous()
+        strides = _bcs_strides(t)
+    return t, strides
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def plan(B: int, C: int, S: int, channels_inner: bool, *, tile: int, sms: int):
+    """Launch plan of a (B, C, S) problem: (BLOCK_C, BLOCK_S, c_blocks, CHUNK, splits, warps).
+
+    The tile (at most ``tile`` elements) is long along the contiguous axis: S for NCHW, C for
+    channels_last (``channels_inner``). S is split into ``splits`` chunks of CHUNK (a multiple
+    of BLOCK_S) so that the reductions run on about PROGRAMS_PER_SM programs per SM when the
+    (b, channel block) rows alone would be too few: at batch 4 the (4, 32, 256, 256) instance
+    norm has 128 rows of 65,536 elements.
+    """
+    if channels_inner:
+        block_c = min(_pow2(C), 64 if tile >= 4096 else 16)
+        block_s = min(_pow2(S), max(tile // block_c, 1))
+    else:
+        block_s = min(_pow2(S), tile)
+        block_c = min(_pow2(C), max(tile // block_s, 1))
+    c_blocks = cdiv(C, block_c)
+    s_tiles = cdiv(S, block_s)
+    want = cdiv(PROGRAMS_PER_SM * sms, B * c_blocks)
+    splits = max(1, min(s_tiles, want, MAX_SPLITS))
+    chunk = cdiv(s_tiles, splits) * block_s
+    splits = cdiv(S, chunk)
+    warps = 8 if block_c * block_s >= 4096 else 4
+    return block_c, block_s, c_blocks, chunk, splits, warps
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(device: torch.device, B: int, C: int, S: int, channels_inner: bool):
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    return plan(B, C, S, channels_inner, tile=MAX_TILE[kind], sms=_sm_count(device))
+
+
+# -- launchers -----------------------------------------------------------------------------
+
+
+def _forward(x, weight, bias, residual, eps, relu, per_sample, stats):
+    """Shared forward. ``stats`` is None (compute batch statistics) or (mean, var) given."""
+    N, C, H, W = x.shape
+    S = H * W
+    acc = acc_dtype(x.dtype)
+    y = torch.empty_like(x)
+    x, xs = _walkable(x)
+    y_out, ys = _walkable(y, output=True)
+    if residual is not None:
+        residual, rs = _walkable(residual)
+    else:
+        rs = xs
+    block_c, block_s, c_blocks, chunk, splits, warps = _plan(x.device, N, C, S, xs[1] == 1 and C > 1)
+    G = N if per_sample else 1
+    if stats is None:
+        parts = torch.empty((2, N, splits, C), device=x.device, dtype=acc)
+        _stats_partial[(N * c_blocks * splits,)](
+            x, parts[0], parts[1], C, S, *xs, xs[0] if per_sample else 0, chunk, splits, c_blocks,
+            BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps)
+        mean = torch.empty((2, G, C), device=x.device, dtype=acc)
+        rstd = torch.empty((G, C), device=x.device, dtype=acc)
+        var = torch.empty((G, C), device=x.device, dtype=acc)
+        fin_c = min(_pow2(C), 128)
+        _stats_finalize[(G, cdiv(C, fin_c))](
+            x, parts[0], parts[1], mean, rstd, var, C, S, xs[1], xs[0] if per_sample else 0,
+            chunk, splits, splits * (N // G), G * C, eps, BLOCK_C=fin_c)
+        stat, stat_is_var = (rstd, False) if per_sample else (var, True)
+    else:
+        mean, var = stats
+        stat, stat_is_var = var, True
+    s_blocks = cdiv(S, block_s)
+    _apply[(N * c_blocks * s_blocks,)](
+        x, y_out, residual, weight, bias, mean, stat, eps, C, S, c_blocks, s_blocks, *xs, *ys, *rs,
+        C if per_sample else 0, G * C,
+        HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=residual is not None, RELU=relu,
+        STAT_IS_VAR=stat_is_var, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps)
+    if y_out is not y:
+        y.copy_(y_out)
+    return y, mean, (rstd if per_sample else var)
+
+
+def _backward(dy, x, weight, bias, mean, stat, eps, relu, per_sample, centred, stat_is_var):
+    N, C, H, W = x.shape
+    S = H * W
+    acc = acc_dtype(x.dtype)
+    dx = torch.empty_like(x)
+    x, xs = _walkable(x)
+    dy, ds = _walkable(dy)
+    dx_out, os_ = _walkable(dx, output=True)
+    block_c, block_s, c_blocks, chunk, splits, warps = _plan(x.device, N, C, S, xs[1] == 1 and C > 1)
+    G = N if per_sample else 1
+    stat_sb = C if per_sample else 0
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, RELU=relu, STAT_IS_VAR=stat_is_var,
+                 BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps)
+    parts = torch.empty((2, N, splits, C), device=x.device, dtype=acc)
+    _bwd_partial[(N * c_blocks * splits,)](
+        dy, x, weight, bias, mean, stat, parts[0], parts[1], eps, C, S, *ds, *xs, stat_sb, G * C,
+        chunk, splits, c_blocks, **flags)
+    rows = torch.empty((2, G, C), device=x.device, dtype=acc)
+    dweight = torch.empty(C, device=x.device, dtype=acc)
+    dbias = torch.empty(C, device=x.device, dtype=acc)
+    fin_c = min(_pow2(C), 128)
+    _bwd_finalize[(cdiv(C, fin_c),)](
+        parts[0], parts[1], rows[0], rows[1], dweight, dbias, C, G, splits * (N // G), BLOCK_C=fin_c)
+    s_blocks = cdiv(S, block_s)
+    _bwd_apply[(N * c_blocks * s_blocks,)](
+        dy, x, dx_out, weight, bias, mean, stat, rows[0], rows[1], eps, S if per_sample else N * S, C, S, c_blocks, s_blocks,
+        *ds, *xs, *os_, stat_sb, G * C, CENTRED=centred, **flags)
+    if dx_out is not dx:
+        dx.copy_(dx_out)
+    return dx, dweight, dbias
+
+
+def instance_norm_forward(x, weight, bias, residual, eps: float, relu: bool):
+    """-> (y, mean (2, N, C), rstd (N, C)); see the module docstring."""
+    return _forward(x, weight, bias, residual, eps, relu, True, None)
+
+
+def instance_norm_backward(dy, x, weight, bias, mean, rstd, relu: bool):
+    """-> (dx, dweight (C,), dbias (C,)), the parameter gradients in A."""
+    return _backward(dy, x, weight, bias, mean, rstd, 1.0, relu, True, True, False)
+
+
+def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, training: bool,
+                       eps: float, relu: bool):
+    """-> (y, mean (2, 1, C), var (1, C)): batch statistics if ``training``, else the running ones
+    (which are read, never written)."""
+    stats = None
+    if not training:
+        acc = acc_dtype(x.dtype)
+        rm = running_mean.to(acc).reshape(1, -1)
+        stats = (torch.stack([rm, torch.zeros_like(rm)]), running_var.to(acc).reshape(1, -1).clone())
+    return _forward(x, weight, bias, residual, eps, relu, False, stats)
+
+
+def batch_norm_backward(dy, x, weight, bias, mean, var, training: bool, eps: float, relu: bool):
+    """-> (dx, dweight (C,), dbias (C,)); rstd = 1/sqrt(var + eps) as in the forward."""
+    return _backward(dy, x, weight, bias, mean, var, eps, relu, False, training, True)
