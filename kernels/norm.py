@@ -127,6 +127,21 @@ def _tile_range(pid, n_splits, c_blocks, S, CHUNK, BLOCK_C: tl.constexpr):
     return b, c, s_begin, s_end
 
 
+@_device_fn
+def _apply_tile(C, S, c_blocks, s_blocks, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """(b, channels, positions and their masks) of an elementwise program, one tile each,
+    pid = (b·c_blocks + cb)·s_blocks + s_block. The programs run in reverse order: the last
+    tiles the reduction pass read are the likeliest to be in L2."""
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    sblk = pid % s_blocks
+    bc = pid // s_blocks
+    cb = bc % c_blocks
+    b = bc // c_blocks
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = sblk * BLOCK_S + tl.arange(0, BLOCK_S)
+    return b, c, s, c < C, s < S
+
+
 # -- forward -------------------------------------------------------------------------------
 
 
@@ -198,16 +213,7 @@ def _apply(x_ptr, y_ptr, r_ptr, w_ptr, b_ptr, mean_ptr, stat_ptr, eps, C, S, c_b
            sxb, sxc, sxs, syb, syc, sys, srb, src, srs, stat_sb, lo_off,
            HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr, RELU: tl.constexpr,
            STAT_IS_VAR: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    # Reverse order: the last tiles the stats pass read are the likeliest to be in L2.
-    pid = tl.num_programs(0) - 1 - tl.program_id(0)
-    sblk = pid % s_blocks
-    bc = pid // s_blocks
-    cb = bc % c_blocks
-    b = bc // c_blocks
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    s = sblk * BLOCK_S + tl.arange(0, BLOCK_S)
-    cmask = c < C
-    smask = s < S
+    b, c, s, cmask, smask = _apply_tile(C, S, c_blocks, s_blocks, BLOCK_C, BLOCK_S)
     hi, lo, rstd, scale, shift = _channel_stats(w_ptr, b_ptr, mean_ptr, stat_ptr, b * stat_sb, lo_off, c, cmask,
                                                 eps, HAS_W, HAS_B, STAT_IS_VAR)
     z = _pre_activation(_centre(_tile(x_ptr, b, c, s, cmask, smask, sxb, sxc, sxs), hi, lo), scale, shift)
@@ -286,15 +292,7 @@ def _bwd_apply(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, stat_ptr, ra_ptr, 
                C, S, c_blocks, s_blocks, sdb, sdc, sds, sxb, sxc, sxs, sob, soc, sos, stat_sb, lo_off,
                HAS_W: tl.constexpr, HAS_B: tl.constexpr, RELU: tl.constexpr, CENTRED: tl.constexpr,
                STAT_IS_VAR: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    pid = tl.num_programs(0) - 1 - tl.program_id(0)
-    sblk = pid % s_blocks
-    bc = pid // s_blocks
-    cb = bc % c_blocks
-    b = bc // c_blocks
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    s = sblk * BLOCK_S + tl.arange(0, BLOCK_S)
-    cmask = c < C
-    smask = s < S
+    b, c, s, cmask, smask = _apply_tile(C, S, c_blocks, s_blocks, BLOCK_C, BLOCK_S)
     hi, lo, rstd, scale, shift = _channel_stats(w_ptr, b_ptr, mean_ptr, stat_ptr, b * stat_sb, lo_off, c, cmask,
                                                 eps, HAS_W, HAS_B, STAT_IS_VAR)
     g, xhat = _masked_grad(dy_ptr, x_ptr, b, c, s, cmask, smask, hi, lo, rstd, scale, shift,
