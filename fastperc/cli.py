@@ -34,6 +34,15 @@ def _loss_options(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
 
 
+def _equation5_options(p: argparse.ArgumentParser) -> None:
+    """The inputs and settings of the equation-5 objective: optimize and objective."""
+    p.add_argument("--content", required=True, metavar="IMAGE", help="the content image")
+    p.add_argument("--style", required=True, metavar="IMAGE", help="the style image")
+    p.add_argument("--style-size", type=int, default=256,
+                   help="longer side of the style image; use the training run's (default 256)")
+    _loss_options(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastperc", description="Perceptual-loss style transfer (Johnson et al. 2016) with fused kernels.")
@@ -88,27 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Minimise the paper's equation 5 over the image with L-BFGS from white "
                                    "noise, clipping to [0, 255] each iteration; writes the image and the "
                                    "objective per iteration as JSON.")
-    o.add_argument("--content", required=True, metavar="IMAGE")
-    o.add_argument("--style", required=True, metavar="IMAGE")
+    _equation5_options(o)
     o.add_argument("--out", required=True, metavar="OUT", help="output image")
     o.add_argument("--iterations", type=int, default=500, help="L-BFGS iterations (default 500, the paper's)")
     o.add_argument("--json", metavar="PATH", help="objective per iteration (default: OUT with .json)")
-    o.add_argument("--style-size", type=int, default=256,
-                   help="longer side of the style image; use the training run's (default 256)")
     o.add_argument("--seed", type=int, default=0, help="seed of the white-noise start (default 0)")
-    _loss_options(o)
     o.set_defaults(func=_optimize)
 
     b = sub.add_parser("objective", help="print the equation-5 objective of an image",
                        description="Print, as JSON, the paper's equation-5 objective (and its parts) of IMAGE "
                                    "for the content and style images: compare a network's output with the "
                                    "optimisation baseline's log.")
-    b.add_argument("--content", required=True, metavar="IMAGE")
-    b.add_argument("--style", required=True, metavar="IMAGE")
+    _equation5_options(b)
     b.add_argument("image", metavar="IMAGE", help="the image to score (same size as the content image)")
-    b.add_argument("--style-size", type=int, default=256,
-                   help="longer side of the style image; use the training run's (default 256)")
-    _loss_options(b)
     b.set_defaults(func=_objective)
 
     from fastperc.bench import runner as bench

@@ -29,8 +29,8 @@ from fastperc.images import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, InputError, che
                              load_image, save_image, to_tensor, to_uint8)
 from fastperc.models.transformer import TransformerNet
 from fastperc.optimize import resolve_device
+from fastperc.train import AMP_DTYPES
 
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_SIZE = 8  # smaller images do not survive the network's reflection padding
 
 
