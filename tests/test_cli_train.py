@@ -107,12 +107,15 @@ def test_sampler_resumes_the_data_order():
     assert len(list(ResumableSampler(3, batch_size=4, seed=0))) == 4
 
 
-def test_epochs_then_refuses_to_clobber_the_run(inputs, tmp_path, capsys):
+def test_epochs_amp_then_refuses_to_clobber_the_run(inputs, tmp_path, capsys):
     style, clean, _ = inputs
     run = tmp_path / "run"
-    code, _, err = run_main(train_argv(style, clean, run, "--epochs", "2", iterations=None), capsys)
+    # Also mixed precision and channels_last (bf16 autocast runs on the CPU too).
+    code, _, err = run_main(train_argv(style, clean, run, "--epochs", "2", "--amp", "bf16", "--channels-last",
+                                       iterations=None), capsys)
     assert code == 0, err
     assert read_log(run)[-1]["step"] == 4  # 4 images, batch 2: 2 steps per epoch
+    assert load_checkpoint(run / "checkpoint.pt")["args"]["amp"] == "bf16"
 
     before = _tree_digest(run)
     code, _, err = run_main(train_argv(style, clean, run, iterations=3), capsys)
