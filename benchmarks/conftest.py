@@ -69,6 +69,7 @@ def measure_case(measure):
 
     def run(case, provider: str) -> None:
         measure(case.runner(provider, _COMPILED), op=case.op, shape=case.shape, dtype=case.dtype,
-                mode=case.mode, provider=provider, bytes=case.bytes, flops=case.flops)
+                mode=case.mode, provider=provider, bytes=case.bytes, flops=case.flops,
+                extra={"layout": case.layout, "label": case.label})
 
     return run

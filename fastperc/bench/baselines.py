@@ -53,3 +53,15 @@ class ExamplesLoss(torch.nn.Module):
             gy = gram(fy)
             style = style + F.mse_loss(gy, gs[: len(y)].expand_as(gy))
         return content + self.style_weight * style
+
+
+def instance_norm_relu(x, weight, bias):
+    return F.relu(F.instance_norm(x, weight=weight, bias=bias))
+
+
+def instance_norm_residual(x, weight, bias, residual):
+    return F.instance_norm(x, weight=weight, bias=bias) + residual
+
+
+def batch_norm_relu(x, weight, bias, running_mean, running_var):
+    return F.relu(F.batch_norm(x, running_mean, running_var, weight, bias, training=True))

@@ -11,14 +11,14 @@ from here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
 import fastperc
 from fastperc.bench import baselines
-from fastperc.bench.shapes import IMAGE, VGG, scaled
+from fastperc.bench.shapes import IMAGE, TRANSFORMER, VGG, scaled
 
 MODES = ("fwd", "fwd+bwd")
 
@@ -33,11 +33,15 @@ class OpSpec:
     eager: Callable[..., torch.Tensor]
     bytes: Callable[[tuple, int, str], int]      # (shape, itemsize, mode) -> bytes
     flops: Callable[[tuple, str], int] = lambda shape, mode: 0
-    fused_kwargs: dict = field(default_factory=dict)
+    # fastperc's call on a backend; default: fastperc.<name>(*inputs, backend=backend)
+    fused_call: Callable[[str], Callable[..., torch.Tensor]] | None = None
+    layouts: tuple[str, ...] = ("nchw",)         # memory formats of the image inputs
 
     def fused(self, backend: str) -> Callable[..., torch.Tensor]:
+        if self.fused_call is not None:
+            return self.fused_call(backend)
         op = getattr(fastperc, self.name)
-        return lambda *args: op(*args, backend=backend, **self.fused_kwargs)
+        return lambda *args: op(*args, backend=backend)
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class Case:
     dtype: torch.dtype
     mode: str
     device: str
+    layout: str = "nchw"
 
     @property
     def op(self) -> str:
@@ -63,7 +68,8 @@ class Case:
 
     @property
     def id(self) -> str:
-        return f"{self.op}-{self.label}-{str(self.dtype).removeprefix('torch.')}-{self.mode}"
+        layout = "" if self.layout == "nchw" else f"-{self.layout}"
+        return f"{self.op}-{self.label}{layout}-{str(self.dtype).removeprefix('torch.')}-{self.mode}"
 
     def runner(self, provider: str, compiled: dict | None = None) -> Callable[[], object]:
         """A no-argument callable running this case on ``provider`` with fresh random inputs."""
@@ -75,6 +81,9 @@ class Case:
         else:
             fn = self.spec.fused(provider)
         inputs = self.spec.make_inputs(self.shape, self.dtype, self.device)
+        if self.layout == "channels_last":
+            inputs = [t.detach().contiguous(memory_format=torch.channels_last).requires_grad_(t.requires_grad)
+                      if t.dim() == 4 else t for t in inputs]
         if self.mode == "fwd":
             return lambda: fn(*inputs)
         leaves = [t for t in inputs if t.requires_grad]
@@ -139,6 +148,43 @@ SPECS: dict[str, OpSpec] = {
 }
 
 
+def _norm_inputs(shape, dtype, device, *, residual=False, running=False):
+    """A convolution's output (signed, not centred), affine parameters, and optionally a
+    residual or running statistics."""
+    c = shape[1]
+    x = (torch.randn(shape, device=device) * 3 + 0.5).to(dtype).requires_grad_(True)
+    w = (1 + 0.1 * torch.randn(c, device=device)).requires_grad_(True)
+    b = (0.1 * torch.randn(c, device=device)).requires_grad_(True)
+    inputs = [x, w, b]
+    if residual:
+        inputs.append(torch.randn(shape, device=device).to(dtype).requires_grad_(True))
+    if running:
+        inputs += [torch.zeros(c, device=device), torch.ones(c, device=device)]
+    return inputs
+
+
+def _norm_bytes(tensors_fwd: int):
+    """Forward reads x (and the residual) and writes y; backward reads dy and x, writes dx."""
+    return lambda sh, s, mode: _numel(sh) * s * (tensors_fwd if mode == "fwd" else tensors_fwd + 3)
+
+
+SPECS.update({
+    "instance_norm_relu": OpSpec(
+        "instance_norm_relu", TRANSFORMER, _norm_inputs, baselines.instance_norm_relu, _norm_bytes(2),
+        layouts=("nchw", "channels_last")),
+    "instance_norm_residual": OpSpec(
+        "instance_norm_residual", TRANSFORMER,
+        lambda sh, dt, dev: _norm_inputs(sh, dt, dev, residual=True),
+        baselines.instance_norm_residual, _norm_bytes(3),
+        fused_call=lambda be: lambda x, w, b, r: fastperc.instance_norm(x, w, b, residual=r, backend=be),
+        layouts=("nchw", "channels_last")),
+    "batch_norm_relu": OpSpec(
+        "batch_norm_relu", TRANSFORMER,
+        lambda sh, dt, dev: _norm_inputs(sh, dt, dev, running=True),
+        baselines.batch_norm_relu, _norm_bytes(2), layouts=("nchw", "channels_last")),
+})
+
+
 def dtypes_for(device: str) -> list[torch.dtype]:
     return [torch.float32, torch.bfloat16] if device == "cuda" else [torch.float32]
 
@@ -153,9 +199,10 @@ def iter_cases(device: str, *, quick: bool = False, ops: list[str] | None = None
         if quick:
             shapes = dict(list(shapes.items())[:1])
         for label, shape in shapes.items():
-            for dtype in dtypes_for(device):
-                for mode in MODES:
-                    yield Case(spec, label, shape, dtype, mode, device)
+            for layout in spec.layouts:
+                for dtype in dtypes_for(device):
+                    for mode in MODES:
+                        yield Case(spec, label, shape, dtype, mode, device, layout)
 
 
 def providers(device: str) -> list[str]:

@@ -3,7 +3,7 @@
 The JSON (one file per run, committed under benchmarks/results/ for GPU runs):
     device, torch, triton, cuda, commit, date (ISO),
     ceilings {copy_GBps, bf16_TFLOPs},
-    results    [{op, shape, dtype, mode, provider, median_ms, GBps, TFLOPs}],
+    results    [{op, shape, dtype, mode, layout, provider, median_ms, GBps, TFLOPs}],
     end_to_end [{task, size [H, W], batch, provider, median_ms, peak_mem_MB}].
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ def run(device: str, *, quick: bool = False, ops: list[str] | None = None,
             seconds = ms / 1e3
             report["results"].append({
                 "op": case.op, "shape": list(case.shape), "dtype": str(case.dtype).removeprefix("torch."),
-                "mode": case.mode, "provider": provider, "median_ms": ms,
+                "mode": case.mode, "layout": case.layout, "provider": provider, "median_ms": ms,
                 "GBps": case.bytes / seconds / 1e9 if case.bytes else None,
                 "TFLOPs": case.flops / seconds / 1e12 if case.flops else None,
             })
@@ -103,15 +103,15 @@ def format_table(report: dict) -> str:
     over eager and over compile, and its GB/s or TFLOP/s as a fraction of the ceiling."""
     rows: dict[tuple, dict] = {}
     for r in report["results"]:
-        key = (r["op"], tuple(r["shape"]), r["dtype"], r["mode"])
+        key = (r["op"], tuple(r["shape"]), r.get("layout", "nchw"), r["dtype"], r["mode"])
         rows.setdefault(key, {})[r["provider"]] = r
     providers = sorted({r["provider"] for r in report["results"]},
                        key=lambda p: ["eager", "compile", "torch", "triton", "cuda"].index(p))
     ceilings = report["ceilings"]
-    head = ["op", "shape", "dtype", "mode"] + [f"{p} ms" for p in providers] + \
+    head = ["op", "shape", "layout", "dtype", "mode"] + [f"{p} ms" for p in providers] + \
            ["x eager", "x compile", "best", "rate", "of ceiling"]
     lines = [head]
-    for (op, shape, dtype, mode), by_provider in rows.items():
+    for (op, shape, layout, dtype, mode), by_provider in rows.items():
         fused = {p: r for p, r in by_provider.items() if p not in ("eager", "compile")}
         best_name, best = min(fused.items(), key=lambda kv: kv[1]["median_ms"]) if fused else (None, None)
         eager, comp = by_provider.get("eager"), by_provider.get("compile")
@@ -120,7 +120,7 @@ def format_table(report: dict) -> str:
             rate, fraction = f"{best['TFLOPs']:.3g} TF/s", f"{best['TFLOPs'] / ceilings['bf16_TFLOPs']:.0%}"
         elif best is not None and best["GBps"]:
             rate, fraction = f"{best['GBps']:.3g} GB/s", f"{best['GBps'] / ceilings['copy_GBps']:.0%}"
-        lines.append([op, "x".join(map(str, shape)), dtype, mode]
+        lines.append([op, "x".join(map(str, shape)), layout, dtype, mode]
                      + [_fmt(by_provider[p]["median_ms"]) if p in by_provider else "-" for p in providers]
                      + [_fmt(eager["median_ms"] / best["median_ms"], ".2f") if eager and best else "-",
                         _fmt(comp["median_ms"] / best["median_ms"], ".2f") if comp and best else "-",
