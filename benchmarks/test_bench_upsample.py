@@ -32,6 +32,8 @@ from fastperc.bench.shapes import UPSAMPLE, shrink
 SHAPES = {label: (shrink(shape) if DEVICE != "cuda" else shape, c_out)
           for label, (shape, c_out) in UPSAMPLE.items()}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+# Two shared CPU cores time noisily: more rounds than the default five for a usable median.
+CPU_ROUNDS = 9
 
 
 def _eager_upsample_conv2d(x, w, b):
@@ -124,6 +126,7 @@ def test_upsample_op(measure, benchmark, op, label, shape, c_out, dtype, layout,
     flops, naive = _flops(op, shape, c_out, mode)
     measure(_runner(op, provider, inputs, mode), op=op, shape=shape, dtype=dtype, mode=mode,
             provider=provider, bytes=_bytes(shape, c_out, dtype.itemsize, mode), flops=flops,
+            rounds=CPU_ROUNDS if DEVICE != "cuda" else None,
             extra={"layout": layout, "label": label, "c_out": c_out, "flops_naive": naive})
     seconds = benchmark.extra_info["median_ms"] / 1e3
     benchmark.extra_info["TFLOPs_naive"] = naive / seconds / 1e12 if seconds > 0 else None

@@ -474,7 +474,8 @@ def _dw(mode: int, dy: torch.Tensor, x: torch.Tensor, o: int, needs_bias: bool):
     base = taps * cdiv(c, cfg["BLOCK_M"]) * cdiv(o, cfg["BLOCK_N"])
     if x.device.type == "cuda":
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        splits = max(1, min(cdiv(4 * sms, base), cdiv(pixels, 8 * cfg["BLOCK_K"])))
+        # About two waves of programs, each at least 16 K steps deep (untuned).
+        splits = max(1, min(cdiv(2 * sms, base), cdiv(pixels, 16 * cfg["BLOCK_K"])))
     else:
         splits = min(2, cdiv(pixels, cfg["BLOCK_K"]))
     per_split = cdiv(cdiv(pixels, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]

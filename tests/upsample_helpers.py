@@ -219,16 +219,16 @@ def check_opcheck(op: ConvOp, backend, device) -> None:
     interpreted = _interpreted(backend, device)
     shape = (1, 2, 3, 1, 2) if interpreted else (1, 2, 3, 2, 3)
     x, weight, b = op.inputs(shape, torch.float32, device)
-    for bias in ((None,) if interpreted else (b, None)):
-        args = (x.requires_grad_(True), weight.requires_grad_(True),
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    for x_in, bias in (((x_cl, None),) if interpreted else ((x, b), (x_cl, None))):
+        args = (x_in.requires_grad_(True), weight.requires_grad_(True),
                 None if bias is None else bias.requires_grad_(True), backend)
         torch.library.opcheck(op.forward_op, args)
     n, _, c_out, h, w = shape
-    x_cl = x.detach().contiguous(memory_format=torch.channels_last)
     grad = make_input((n, c_out, 2 * h, 2 * w), torch.float32, device, "channels_last")
     masks = ((False, True, True),) if interpreted else ((True, True, True), (False, True, False))
     for mask in masks:
-        torch.library.opcheck(op.backward_op, (grad, x_cl, weight.detach(), backend, *mask))
+        torch.library.opcheck(op.backward_op, (grad, x_cl.detach(), weight.detach(), backend, *mask))
 
 
 def check_compile_fullgraph(op: ConvOp) -> None:
