@@ -46,11 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastperc.torch_backend.upsample import (
-    memory_format_of,
-    upsample_phase_weights,
-    upsample_phase_weights_adjoint,
-)
+from fastperc.torch_backend.gram import natural_format
+from fastperc.torch_backend.upsample import upsample_phase_weights, upsample_phase_weights_adjoint
 
 from ._common import acc_dtype, cdiv
 
@@ -418,7 +415,7 @@ def _forward(mode: int, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tenso
              stats: bool):
     n, c, h, w = x.shape
     xin = _nhwc(x)
-    y = torch.empty((n, o, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
+    y = torch.empty((n, o, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=natural_format(x))
     cfg = _config(x, h * w, o, c)
     tiles_m = cdiv(h * w, cfg["BLOCK_M"])
     acc = acc_dtype(x.dtype)
@@ -445,7 +442,7 @@ def _forward(mode: int, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tenso
 
 def _dx(mode: int, dy: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, o: int) -> torch.Tensor:
     n, c, h, w = x.shape
-    dx = torch.empty_like(x, memory_format=memory_format_of(x))
+    dx = torch.empty_like(x, memory_format=natural_format(x))
     cfg = _config(x, h * w, c, o)
     common = dict(ACC_FP64=acc_dtype(x.dtype) == torch.float64, PRECISION=_precision(x), **cfg)
     strides = (*_strides(dy), *_strides(dx))

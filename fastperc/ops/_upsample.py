@@ -24,7 +24,7 @@ from fastperc._checks import check_image, check_same_device, check_tensor
 from fastperc.backends import resolve_backend
 from fastperc.ops._dispatch import BackendTable, triton_kernel
 from fastperc.torch_backend import upsample as torch_impl
-from fastperc.torch_backend.upsample import memory_format_of
+from fastperc.torch_backend.gram import natural_format
 
 _TABLES = {
     name: (
@@ -42,7 +42,7 @@ _TABLES = {
 def _output(x: Tensor, out_channels: int) -> Tensor:
     n, _, h, w = x.shape
     return torch.empty((n, out_channels, 2 * h, 2 * w), dtype=x.dtype, device=x.device,
-                       memory_format=memory_format_of(x))
+                       memory_format=natural_format(x))
 
 
 def _empty(t: Tensor) -> Tensor:
@@ -51,7 +51,7 @@ def _empty(t: Tensor) -> Tensor:
 
 def _laid_out(t: Tensor, like: Tensor) -> Tensor:
     """A backend's result in the layout the op promises (a no-op when it already is)."""
-    return t.contiguous(memory_format=memory_format_of(like))
+    return t.contiguous(memory_format=natural_format(like))
 
 
 def _define(name: str, out_channels_dim: int):
@@ -60,8 +60,7 @@ def _define(name: str, out_channels_dim: int):
 
     @torch.library.custom_op(f"fastperc::{name}", mutates_args=())
     def forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
-        y = forward_table(backend, x, weight, bias)
-        return y.contiguous(memory_format=memory_format_of(x))
+        return _laid_out(forward_table(backend, x, weight, bias), x)
 
     @forward_op.register_fake
     def _(x, weight, bias, backend):
@@ -78,7 +77,7 @@ def _define(name: str, out_channels_dim: int):
 
     @backward_op.register_fake
     def _(grad, x, weight, backend, needs_x, needs_weight, needs_bias):
-        return (torch.empty_like(x, memory_format=memory_format_of(x)) if needs_x else _empty(x),
+        return (torch.empty_like(x, memory_format=natural_format(x)) if needs_x else _empty(x),
                 torch.empty_like(weight, memory_format=torch.contiguous_format) if needs_weight else _empty(weight),
                 weight.new_empty((weight.shape[out_channels_dim],)) if needs_bias else _empty(weight))
 

@@ -34,6 +34,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastperc.torch_backend.gram import natural_format
+
 # A[a, t, k]: does 3x3 kernel row k fall on tap t of output phase a (the same for columns).
 _PHASE_TAPS = ((
     (1.0, 0.0, 0.0),
@@ -42,13 +44,6 @@ _PHASE_TAPS = ((
     (1.0, 1.0, 0.0),
     (0.0, 0.0, 1.0),
 ))
-
-
-def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    """The layout of the ops' outputs: channels_last when x is (and is not also NCHW-contiguous)."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -106,7 +101,7 @@ def upsample_conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     xp = F.pad(x.to(dtype), (1, 1, 1, 1), mode="replicate")
     bias4 = None if bias is None else bias.to(dtype).repeat_interleave(4)
     full = F.conv2d(xp, _phase_conv_weight(weight, dtype), bias4)
-    y = torch.empty((n, o, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
+    y = torch.empty((n, o, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=natural_format(x))
     _pixels(y).copy_(_phase_view(full, h, w))
     return y
 
@@ -129,7 +124,7 @@ def upsample_conv2d_backward(dy, x, weight, needs_x: bool, needs_weight: bool, n
     o = weight.shape[0]
     dx, dw = x.new_empty((0,)), weight.new_empty((0,))
     if needs_x or needs_weight:
-        fmt = memory_format_of(x)
+        fmt = natural_format(x)
         dtype = _compute_dtype(x)
         g = torch.zeros((n, 4 * o, h + 1, w + 1), dtype=dtype, device=x.device).contiguous(memory_format=fmt)
         _phase_view(g, h, w).copy_(_pixels(dy))
