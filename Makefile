@@ -5,8 +5,17 @@ PY         := $(VENV)/bin/python
 # The CPU build of torch: an unpinned torch pulls several GB of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
 STAMP      := $(VENV)/.fastperc-installed
+# make cuda-check: compile every CUDA source in csrc/ for sm_80 and sm_90, compile only, against
+# the torch headers of the venv's (CPU) wheel; objects go to build/cuda-check/.
+NVCC            ?= nvcc
+CUDA_CHECK_DIR  ?= build/cuda-check
+CUDA_SOURCES    := $(sort $(wildcard csrc/*.cu csrc/*.cpp))
+CUDA_HEADERS    := $(wildcard csrc/*.h csrc/*.cuh)
+CUDA_CHECK_OBJS := $(patsubst csrc/%,$(CUDA_CHECK_DIR)/%.o,$(CUDA_SOURCES))
+# Two compile jobs unless make was given its own -j (read when the recipe runs).
+CUDA_CHECK_JOBS  = $(if $(filter -j%,$(MAKEFLAGS)),,-j2)
 
-.PHONY: test bench clean
+.PHONY: test demo bench clean cuda-check cuda-check-objects
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,12 +24,30 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-test: $(STAMP)
+test: $(STAMP) cuda-check
 	$(PY) -m pytest
 	$(PY) -m pytest benchmarks --benchmark-disable -q
 
+# The main job, small: generated data, a short CPU training run, a stylized sample -> demo_out/.
+demo: $(STAMP)
+	$(PY) -m fastperc.demo --out demo_out
+
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only
+
+cuda-check: $(STAMP)
+	@if command -v $(NVCC) >/dev/null 2>&1; then \
+	  flags="$$($(PY) fastperc/_cuda_ext.py --check-flags)" && \
+	  $(MAKE) --no-print-directory -f $(firstword $(MAKEFILE_LIST)) $(CUDA_CHECK_JOBS) cuda-check-objects CUDA_CHECK_FLAGS="$$flags"; \
+	else \
+	  echo "cuda-check: skipped, $(NVCC) not found (the CUDA sources in csrc/ were not compiled)"; \
+	fi
+
+cuda-check-objects: $(CUDA_CHECK_OBJS)
+
+$(CUDA_CHECK_DIR)/%.o: csrc/% $(CUDA_HEADERS) fastperc/_cuda_ext.py $(STAMP)
+	@mkdir -p $(@D)
+	$(NVCC) $(CUDA_CHECK_FLAGS) -c $< -o $@
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

@@ -35,7 +35,8 @@ def measure(benchmark):
     def run(fn: Callable[[], object], *, op: str, shape, dtype: torch.dtype, mode: str,
             provider: str, bytes: int, flops: int = 0, rounds: int | None = None,
             extra: dict | None = None) -> None:
-        fn()  # warm-up: compile, autotune, allocate
+        if not benchmark.disabled:
+            fn()  # warm-up: compile, autotune, allocate (the smoke run calls fn once only)
         if ON_GPU:
             peak = peak_memory_mb(fn, DEVICE)
             median_ms = _median_ms(fn, DEVICE)

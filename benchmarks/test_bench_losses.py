@@ -4,12 +4,11 @@ on the GPU), forward and forward+backward, at the VGG-16 layer shapes of a batch
 import pytest
 
 from conftest import DEVICE
-from fastperc.bench.cases import iter_cases, providers
+from fastperc.bench.cases import case_providers, iter_cases
 
 CASES = list(iter_cases(DEVICE, ops=["gram", "style_loss", "feature_loss", "tv_loss"]))
 
 
-@pytest.mark.parametrize("provider", providers(DEVICE))
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case,provider", case_providers(DEVICE, CASES), ids=lambda v: getattr(v, "id", v))
 def test_loss_op(measure_case, case, provider):
     measure_case(case, provider)

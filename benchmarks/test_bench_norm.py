@@ -6,12 +6,11 @@ channels_last. Cases, byte floors and baselines: fastperc.bench.cases."""
 import pytest
 
 from conftest import DEVICE
-from fastperc.bench.cases import iter_cases, providers
+from fastperc.bench.cases import case_providers, iter_cases
 
 CASES = list(iter_cases(DEVICE, ops=["instance_norm_relu", "instance_norm_residual", "batch_norm_relu"]))
 
 
-@pytest.mark.parametrize("provider", providers(DEVICE))
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case,provider", case_providers(DEVICE, CASES), ids=lambda v: getattr(v, "id", v))
 def test_norm_op(measure_case, case, provider):
     measure_case(case, provider)

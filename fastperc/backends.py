@@ -6,7 +6,11 @@ Backends (DESIGN.md):
 * ``torch``     -- the fastest plain-torch composition; the default on CPU;
 * ``triton``    -- the Triton kernels; the default on CUDA. On a CPU-only machine it is
   available exactly when ``TRITON_INTERPRET=1`` was set before triton was imported;
-* ``cuda``      -- the hand-written CUDA C++ kernels, where ``fastperc._C`` is built.
+* ``cuda``      -- the hand-written CUDA C++ kernels (``fastperc._C``). Available when a CUDA GPU
+  is visible and either the extension was built at install or it can be built just in time
+  on first use (a CUDA build of torch, nvcc, ninja and the sources; see
+  :mod:`fastperc._cuda_ext`). The probe only looks for files and programs: nothing is imported
+  or compiled until an op first runs on this backend.
 
 The choice, in order of precedence: the ``backend=`` argument of an op, then
 :func:`use_backend` / :func:`set_backend`, then the ``FASTPERC_BACKEND`` environment
@@ -25,6 +29,8 @@ from typing import Iterator
 
 import torch
 
+from fastperc import _cuda_ext
+
 BACKENDS = ("reference", "torch", "triton", "cuda")
 
 
@@ -37,9 +43,13 @@ def _probe() -> tuple[str, ...]:
     has_cuda = torch.cuda.is_available()
     if importlib.util.find_spec("triton") is not None and (has_cuda or _interpreter_requested()):
         found.append("triton")
-    if has_cuda and importlib.util.find_spec("fastperc._C") is not None:
+    if _CUDA_UNAVAILABLE is None:
         found.append("cuda")
     return tuple(found)
+
+
+# Why the cuda backend cannot run here (None when it can), named in the refusal's message.
+_CUDA_UNAVAILABLE: str | None = _cuda_ext.unavailable_reason()
 
 
 _AVAILABLE: tuple[str, ...] = _probe()
@@ -58,6 +68,7 @@ def _check_name(name: object, what: str) -> str:
         raise ValueError(
             f"{what}: expected one of the available backends {list(_AVAILABLE)}, got {name!r}"
             + (f" (known backends: {list(BACKENDS)})" if name not in BACKENDS else "")
+            + (f" (cuda: {_CUDA_UNAVAILABLE})" if name == "cuda" and _CUDA_UNAVAILABLE else "")
         )
     return name  # type: ignore[return-value]
 

@@ -91,3 +91,67 @@ class BatchNormReLU(BatchNorm2d):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats, relu=True,
                          device=device, dtype=dtype)
+
+
+# -- upsampling convolutions -----------------------------------------------------------------
+
+from fastperc.ops import conv_transpose2d, upsample_conv2d  # noqa: E402
+
+
+class UpsampleConv2d(nn.Module):
+    """Nearest x2 upsampling, reflection padding 1 and a 3x3 convolution, fused
+    (:func:`fastperc.upsample_conv2d`; the upsampled tensor is never built).
+
+    pytorch/examples' ``UpsampleConvLayer(in_channels, out_channels, kernel_size=3, stride=1,
+    upsample=2)``, with its parameters in a ``conv2d`` (``nn.Conv2d``) child, so its state dict
+    (``conv2d.weight``, ``conv2d.bias``) loads unchanged. Only that configuration exists fused:
+    another ``kernel_size``, ``stride`` or ``upsample`` is a ``ValueError``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 upsample: int = 2, bias: bool = True, *, device=None, dtype=None) -> None:
+        super().__init__()
+        for name, value, expected in (("kernel_size", kernel_size, 3), ("stride", stride, 1),
+                                      ("upsample", upsample, 2)):
+            if value not in (expected, (expected, expected)):
+                raise ValueError(f"{name}: expected {expected} (the fused nearest-x2 upsample + 3x3 conv), "
+                                 f"got {value!r}")
+        self.conv2d = nn.Conv2d(in_channels, out_channels, 3, 1, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return upsample_conv2d(x, self.conv2d.weight, self.conv2d.bias)
+
+    def extra_repr(self) -> str:
+        return "upsample=2 (nearest), reflection padding 1"
+
+
+class ConvTranspose2d(nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d(in_channels, out_channels, 3, stride=2, padding=1,
+    output_padding=1)``, the paper's fractionally strided convolution, run by the fused
+    :func:`fastperc.conv_transpose2d` (four phase convolutions, no inserted zeros).
+
+    Same parameters (``weight`` (C_in, C_out, 3, 3), ``bias``) and state dict as
+    ``nn.ConvTranspose2d``. Only that configuration exists fused: other hyperparameters are a
+    ``ValueError``. ``forward(x, output_size=None)`` accepts only the size it produces, (2H, 2W).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=2, padding=1,
+                 output_padding=1, groups: int = 1, bias: bool = True, dilation=1,
+                 padding_mode: str = "zeros", device=None, dtype=None) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding, groups,
+                         bias, dilation, padding_mode, device=device, dtype=dtype)
+        for name, value, expected in (("kernel_size", self.kernel_size, (3, 3)), ("stride", self.stride, (2, 2)),
+                                      ("padding", self.padding, (1, 1)),
+                                      ("output_padding", self.output_padding, (1, 1)),
+                                      ("dilation", self.dilation, (1, 1)), ("groups", self.groups, 1)):
+            if value != expected:
+                raise ValueError(f"{name}: expected {expected} (the fused 3x3 stride-2 transposed conv), "
+                                 f"got {value!r}")
+
+    def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if output_size is not None:
+            expected = [2 * input.shape[-2], 2 * input.shape[-1]]
+            if list(output_size)[-2:] != expected:
+                raise ValueError(f"output_size: expected {expected} (stride 2, output_padding 1), "
+                                 f"got {list(output_size)}")
+        return conv_transpose2d(input, self.weight, self.bias)

@@ -43,6 +43,38 @@ def style_loss(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (g - target.to(acc)).pow(2).sum(dim=(1, 2)).mean()
 
 
+def gram_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """d gram / d x for the upstream gradient ``grad`` = dL/dG, (N, C, C).
+
+    With psi = x[n] reshaped to (C, H*W):
+        d psi = (dG + dG.T) @ psi / (C * H * W)                   -> x's shape and dtype
+    """
+    n, c, h, w = x.shape
+    acc = _loss_dtype(x)
+    psi = x.reshape(n, c, h * w).to(acc)
+    dg = grad.to(acc)
+    dpsi = (dg + dg.transpose(1, 2)) @ psi / (c * h * w)
+    return dpsi.reshape(x.shape).to(x.dtype)
+
+
+def style_loss_backward(grad: torch.Tensor, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """d style_loss / d x for the 0-d upstream gradient ``grad``.
+
+    With G = G(x)[n] (in the loss dtype) and T = target[n] (or the broadcast target):
+        d psi = grad * 2 / (N * C * H * W) * (2 G - T - T.T) @ psi   -> x's shape and dtype
+    (The gradient with respect to the target is -2 * grad * (G - T) / N, summed over the
+    batch when the target is broadcast.)
+    """
+    n, c, h, w = x.shape
+    acc = _loss_dtype(x)
+    psi = x.reshape(n, c, h * w).to(acc)
+    g = psi @ psi.transpose(1, 2) / (c * h * w)
+    t = target.to(acc)
+    m = 2 * g - t - t.transpose(-1, -2)
+    dpsi = grad.to(acc) * (2.0 / (n * c * h * w)) * (m @ psi)
+    return dpsi.reshape(x.shape).to(x.dtype)
+
+
 def feature_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Feature reconstruction loss (paper eq. 2), mean over the batch.
 
@@ -77,6 +109,34 @@ def tv_loss(x: torch.Tensor, p: int = 2, reduction: str = "mean") -> torch.Tenso
     if reduction == "sum":
         return per_image.sum()
     return per_image.mean()
+
+
+def tv_loss_backward(grad: torch.Tensor, x: torch.Tensor, p: int, reduction: str) -> torch.Tensor:
+    """d tv_loss / d x, in x's dtype and memory format.
+
+    With dh = x[.., i+1, j] - x[.., i, j], dw = x[.., i, j+1] - x[.., i, j] and
+    phi'(d) = 2 d (p = 2) or sign(d) (p = 1, sign(0) = 0 as torch.abs's gradient):
+        dx[n, c, i, j] = g_n * (phi'(dh[i-1, j]) - phi'(dh[i, j]) + phi'(dw[i, j-1]) - phi'(dw[i, j]))
+    where a difference that falls outside the image is 0, and g_n = grad[n] ("none"),
+    grad ("sum") or grad / N ("mean").
+    """
+    acc = _loss_dtype(x)
+    xa = x.to(acc)
+    dh = xa[:, :, 1:, :] - xa[:, :, :-1, :]
+    dw = xa[:, :, :, 1:] - xa[:, :, :, :-1]
+    fh, fw = (2 * dh, 2 * dw) if p == 2 else (dh.sign(), dw.sign())
+    dx = torch.zeros_like(xa)
+    dx[:, :, 1:, :] += fh
+    dx[:, :, :-1, :] -= fh
+    dx[:, :, :, 1:] += fw
+    dx[:, :, :, :-1] -= fw
+    g = grad.to(acc)
+    if reduction == "none":
+        g = g.reshape(-1, 1, 1, 1)
+    elif reduction == "mean":
+        g = g / x.shape[0]
+    return dx.mul_(g).to(x.dtype)
+
 
 # -- normalisation: instance norm and batch norm, with ReLU and the residual add -----------
 #
@@ -232,3 +292,107 @@ def batch_norm_backward(dy, x, weight, bias, mean, var, training: bool, eps: flo
     rstd = 1 / torch.sqrt(var.double() + eps)
     return _norm_backward(dy, x, weight, bias, mean, rstd, relu, False, training)
 
+
+# -- upsampling convolutions: upsample_conv2d and conv_transpose2d ----------------------------
+#
+# Both map (N, C_in, H, W) to (N, C_out, 2H, 2W):
+#   upsample_conv2d(x, w, b), w (C_out, C_in, 3, 3): nearest x2, reflection pad 1, 3x3 conv
+#       (the upsampling layer of pytorch/examples' fast_neural_style);
+#   conv_transpose2d(x, w, b), w (C_in, C_out, 3, 3): the transposed 3x3 conv with stride 2,
+#       padding 1, output_padding 1 (the paper's fractionally strided convolution).
+# Computed in the accumulation dtype (float32 for half inputs, float64 for float64 inputs) and
+# returned in x's dtype. Backend signatures: ``*_forward(x, weight, bias) -> y`` and
+# ``*_backward(dy, x, weight, needs_x, needs_weight, needs_bias) -> (dx, dweight, dbias)``, where
+# a gradient that is not needed is an empty (0,) tensor.
+
+
+def _upsampled_padded(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.pad(
+        torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"), (1, 1, 1, 1), mode="reflect")
+
+
+def upsample_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.conv2d(F.pad(F.interpolate(x, scale_factor=2, mode="nearest"), (1, 1, 1, 1), mode="reflect"),
+    weight, bias): (N, C_in, H, W) -> (N, C_out, 2H, 2W), x's dtype. Differentiable by autograd."""
+    acc = _loss_dtype(x)
+    b = None if bias is None else bias.to(acc)
+    return torch.nn.functional.conv2d(_upsampled_padded(x.to(acc)), weight.to(acc), b).to(x.dtype)
+
+
+def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.conv_transpose2d(x, weight, bias, stride=2, padding=1, output_padding=1):
+    (N, C_in, H, W) -> (N, C_out, 2H, 2W), x's dtype. Differentiable by autograd."""
+    acc = _loss_dtype(x)
+    b = None if bias is None else bias.to(acc)
+    y = torch.nn.functional.conv_transpose2d(x.to(acc), weight.to(acc), b, stride=2, padding=1, output_padding=1)
+    return y.to(x.dtype)
+
+
+def upsample_conv2d_forward(x, weight, bias):
+    """Backend signature of :func:`upsample_conv2d`."""
+    return upsample_conv2d(x, weight, bias)
+
+
+def conv_transpose2d_forward(x, weight, bias):
+    """Backend signature of :func:`conv_transpose2d`."""
+    return conv_transpose2d(x, weight, bias)
+
+
+def _unneeded(t: torch.Tensor) -> torch.Tensor:
+    return t.new_empty((0,))
+
+
+def upsample_conv2d_backward(dy, x, weight, needs_x: bool, needs_weight: bool, needs_bias: bool):
+    """The gradients of y = conv2d(P, w) + b, P = reflect_pad_1(up_2(x)) (2H + 2 by 2W + 2):
+        dP            = conv_transpose2d(dy, w)                       (adjoint of the valid conv)
+        dU            = dP[1:-1, 1:-1], plus the reflected border: padded row 0 (a copy of row 1)
+                        adds to row 1, padded row 2H + 1 (a copy of row 2H - 2) adds to row 2H - 2;
+                        columns likewise
+        dx[i, j]      = sum of dU over its 2 x 2 block (2i + a, 2j + b), a, b in {0, 1}
+        dw[o, c, k, l] = sum_{n, p, q} dy[n, o, p, q] P[n, c, p + k, q + l]
+        db[o]         = sum_{n, p, q} dy[n, o, p, q]
+    In x's (weight's) dtype; unneeded gradients are empty (0,) tensors."""
+    acc = _loss_dtype(x)
+    g, w = dy.to(acc), weight.to(acc)
+    n, c, h, wd = x.shape
+    dx = dw = db = None
+    if needs_x:
+        dp = torch.nn.functional.conv_transpose2d(g, w)
+        dp[:, :, 2] += dp[:, :, 0]
+        dp[:, :, -3] += dp[:, :, -1]
+        dp[:, :, :, 2] += dp[:, :, :, 0]
+        dp[:, :, :, -3] += dp[:, :, :, -1]
+        du = dp[:, :, 1:-1, 1:-1]
+        dx = du.unflatten(2, (h, 2)).unflatten(4, (wd, 2)).sum(dim=(3, 5)).to(x.dtype)
+    if needs_weight:
+        patches = _upsampled_padded(x.to(acc)).unfold(2, 2 * h, 1).unfold(3, 2 * wd, 1)  # (N, C, 3, 3, 2H, 2W)
+        dw = torch.einsum("nopq,ncklpq->ockl", g, patches).to(weight.dtype)
+    if needs_bias:
+        db = g.sum(dim=(0, 2, 3)).to(weight.dtype)
+    return (dx if needs_x else _unneeded(x), dw if needs_weight else _unneeded(weight),
+            db if needs_bias else _unneeded(weight))
+
+
+def conv_transpose2d_backward(dy, x, weight, needs_x: bool, needs_weight: bool, needs_bias: bool):
+    """The gradients of y[n, o, 2m - 1 + k, 2l - 1 + k'] += x[n, c, m, l] w[c, o, k, k'] (+ b[o]):
+        dx             = conv2d(dy, w, stride=2, padding=1)            (the adjoint)
+        dw[c, o, k, k'] = sum_{n, m, l} x[n, c, m, l] dy0[n, o, 2m + k, 2l + k'],
+                         dy0 = dy zero-padded by one row on top and one column on the left
+        db[o]          = sum_{n, p, q} dy[n, o, p, q]
+    In x's (weight's) dtype; unneeded gradients are empty (0,) tensors."""
+    acc = _loss_dtype(x)
+    g, w, xa = dy.to(acc), weight.to(acc), x.to(acc)
+    n, c, h, wd = x.shape
+    dx = dw = db = None
+    if needs_x:
+        dx = torch.nn.functional.conv2d(g, w, stride=2, padding=1).to(x.dtype)
+    if needs_weight:
+        g0 = torch.nn.functional.pad(g, (1, 0, 1, 0))
+        dw = torch.stack([
+            torch.stack([torch.einsum("ncml,noml->co", xa, g0[:, :, k:k + 2 * h:2, kk:kk + 2 * wd:2])
+                         for kk in range(3)], dim=-1)
+            for k in range(3)], dim=-2).to(weight.dtype)
+    if needs_bias:
+        db = g.sum(dim=(0, 2, 3)).to(weight.dtype)
+    return (dx if needs_x else _unneeded(x), dw if needs_weight else _unneeded(weight),
+            db if needs_bias else _unneeded(weight))

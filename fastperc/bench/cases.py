@@ -33,6 +33,7 @@ class OpSpec:
     eager: Callable[..., torch.Tensor]
     bytes: Callable[[tuple, int, str], int]      # (shape, itemsize, mode) -> bytes
     flops: Callable[[tuple, str], int] = lambda shape, mode: 0
+    fastperc_op: str | None = None               # the fastperc function, if not ``name``
     # fastperc's call on a backend; default: fastperc.<name>(*inputs, backend=backend)
     fused_call: Callable[[str], Callable[..., torch.Tensor]] | None = None
     layouts: tuple[str, ...] = ("nchw",)         # memory formats of the image inputs
@@ -40,7 +41,7 @@ class OpSpec:
     def fused(self, backend: str) -> Callable[..., torch.Tensor]:
         if self.fused_call is not None:
             return self.fused_call(backend)
-        op = getattr(fastperc, self.name)
+        op = getattr(fastperc, self.fastperc_op or self.name)
         return lambda *args: op(*args, backend=backend)
 
 
@@ -175,7 +176,7 @@ SPECS.update({
     "instance_norm_residual": OpSpec(
         "instance_norm_residual", TRANSFORMER,
         lambda sh, dt, dev: _norm_inputs(sh, dt, dev, residual=True),
-        baselines.instance_norm_residual, _norm_bytes(3),
+        baselines.instance_norm_residual, _norm_bytes(3), fastperc_op="instance_norm",
         fused_call=lambda be: lambda x, w, b, r: fastperc.instance_norm(x, w, b, residual=r, backend=be),
         layouts=("nchw", "channels_last")),
     "batch_norm_relu": OpSpec(
@@ -205,11 +206,19 @@ def iter_cases(device: str, *, quick: bool = False, ops: list[str] | None = None
                         yield Case(spec, label, shape, dtype, mode, device, layout)
 
 
-def providers(device: str) -> list[str]:
+def providers(device: str, spec: OpSpec | None = None) -> list[str]:
     """eager, compile (on the GPU, where compiling each shape pays), and fastperc's backends
-    that run natively here (not the reference, not Triton's CPU interpreter)."""
+    that run natively here (not the reference, not Triton's CPU interpreter); ``cuda`` only
+    for the ops it implements (``fastperc.cuda_backend.OPS``)."""
+    from fastperc.cuda_backend import OPS as CUDA_OPS
+
     fused = [b for b in fastperc.available_backends()
-             if b in ("torch", "cuda") or (b == "triton" and device == "cuda")]
-    if device != "cuda":
+             if b == "torch" or (b in ("triton", "cuda") and device == "cuda")]
+    if spec is not None and (spec.fastperc_op or spec.name) not in CUDA_OPS:
         fused = [b for b in fused if b != "cuda"]
     return ["eager"] + (["compile"] if device == "cuda" else []) + fused
+
+
+def case_providers(device: str, cases: list[Case]) -> list[tuple[Case, str]]:
+    """Every (case, provider) pair to measure."""
+    return [(case, provider) for case in cases for provider in providers(device, case.spec)]

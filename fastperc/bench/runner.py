@@ -64,22 +64,20 @@ def run(device: str, *, quick: bool = False, ops: list[str] | None = None,
         "results": [],
         "end_to_end": [],
     }
-    cases = list(op_cases.iter_cases(device, quick=quick, ops=ops))
-    providers = op_cases.providers(device)
+    pairs = op_cases.case_providers(device, list(op_cases.iter_cases(device, quick=quick, ops=ops)))
     compiled: dict = {}
-    bar = _progress(len(cases) * len(providers), "ops")
-    for case in cases:
-        for provider in providers:
-            ms = median_ms(case.runner(provider, compiled), device, rounds=3 if quick else 5)
-            seconds = ms / 1e3
-            report["results"].append({
-                "op": case.op, "shape": list(case.shape), "dtype": str(case.dtype).removeprefix("torch."),
-                "mode": case.mode, "layout": case.layout, "provider": provider, "median_ms": ms,
-                "GBps": case.bytes / seconds / 1e9 if case.bytes else None,
-                "TFLOPs": case.flops / seconds / 1e12 if case.flops else None,
-            })
-            if bar:
-                bar.update()
+    bar = _progress(len(pairs), "ops")
+    for case, provider in pairs:
+        ms = median_ms(case.runner(provider, compiled), device, rounds=3 if quick else 5)
+        seconds = ms / 1e3
+        report["results"].append({
+            "op": case.op, "shape": list(case.shape), "dtype": str(case.dtype).removeprefix("torch."),
+            "mode": case.mode, "layout": case.layout, "provider": provider, "median_ms": ms,
+            "GBps": case.bytes / seconds / 1e9 if case.bytes else None,
+            "TFLOPs": case.flops / seconds / 1e12 if case.flops else None,
+        })
+        if bar:
+            bar.update()
     if bar:
         bar.close()
     if end_to_end_cases:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastperc import reference
+from fastperc import cuda_backend, reference
 from fastperc._checks import check_choice, check_image
 from fastperc.backends import resolve_backend
 from fastperc.ops._dispatch import BackendTable, loss_dtype, triton_kernel
@@ -27,12 +27,14 @@ _forward = BackendTable(
     reference=reference.tv_loss,
     torch=torch_impl.tv_loss_forward,
     triton=triton_kernel("tv_loss", "tv_loss_forward"),
+    cuda=cuda_backend.tv_loss_forward,
 )
 _backward = BackendTable(
     "tv_loss_backward",
     reference=reference.tv_loss_backward,
     torch=torch_impl.tv_loss_backward,
     triton=triton_kernel("tv_loss", "tv_loss_backward"),
+    cuda=cuda_backend.tv_loss_backward,
 )
 
 
