@@ -16,6 +16,12 @@ import fastperc  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
+def _seed():
+    """Reproducible random inputs: a failure can be rerun."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
 def _fresh_backend_selection():
     """No test leaks a set_backend() into the next one."""
     yield

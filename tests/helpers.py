@@ -1,6 +1,7 @@
 """Shared test helpers: devices, backends, dtypes, layouts, tolerances."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import fastperc
@@ -18,6 +19,11 @@ TF32_TOLERANCE = 5e-4
 LAYOUTS = ("contiguous", "channels_last", "noncontiguous")
 DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
 ON_GPU = torch.cuda.is_available()
+# Where the Triton kernels run: the GPU, else the CPU under TRITON_INTERPRET=1.
+TRITON_DEVICE = "cuda" if ON_GPU else "cpu"
+needs_triton = pytest.mark.skipif(
+    "triton" not in fastperc.available_backends(), reason="needs triton (CUDA or TRITON_INTERPRET=1)"
+)
 
 
 def backends_for(device: str) -> list[str]:
@@ -42,7 +48,6 @@ def dtypes_for(backend: str, device: str) -> list[torch.dtype]:
 
 def backend_device_params(with_dtype: bool = True) -> list:
     """pytest params (backend, device[, dtype]) over everything this machine can run."""
-    import pytest
 
     params = []
     for device in DEVICES:

@@ -8,26 +8,16 @@ import fastperc
 from fastperc import reference
 from helpers import (
     LAYOUTS,
-    ON_GPU,
+    TRITON_DEVICE,
     assert_close,
     backend_device_params,
     make_input,
+    needs_triton,
     reference_grads,
 )
 
 SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (1, 17, 3, 3), (2, 40, 9, 11)]
 TALL = (1, 16, 64, 64)
-
-needs_triton = pytest.mark.skipif(
-    "triton" not in fastperc.available_backends(), reason="needs triton (CUDA or TRITON_INTERPRET=1)"
-)
-TRITON_DEVICE = "cuda" if ON_GPU else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    """Reproducible random inputs: a failure can be rerun."""
-    torch.manual_seed(0)
 
 
 def _kernels():

@@ -8,9 +8,11 @@ from fastperc import reference
 from helpers import (
     LAYOUTS,
     ON_GPU,
+    TRITON_DEVICE,
     assert_close,
     backend_device_params,
     make_input,
+    needs_triton,
     reference_grads,
 )
 
@@ -20,11 +22,6 @@ SHAPES = [(2, 3, 5, 7), (1, 3, 1, 6), (1, 3, 6, 1), (2, 2, 1, 1), (2, 3, 17, 19)
 # Several row blocks and column blocks of the Triton tiles in both memory formats, fp32 and fp16
 # (checked in test_large_shape_spans_several_tiles_on_each_axis).
 LARGE = (1, 2, 9, 520)
-
-needs_triton = pytest.mark.skipif(
-    "triton" not in fastperc.available_backends(), reason="needs triton (CUDA or TRITON_INTERPRET=1)"
-)
-TRITON_DEVICE = "cuda" if ON_GPU else "cpu"
 
 
 def _kernels():
