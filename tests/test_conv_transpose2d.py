@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import fastperc
-from helpers import backend_device_params
+from helpers import TRITON_DEVICE, backend_device_params, needs_triton
 from upsample_helpers import (
+    MULTI_TILE_SHAPE,
     TRANSPOSE,
     bad_input_params,
     check_autocast_bf16,
@@ -57,11 +58,10 @@ def test_autocast_bf16():
     check_autocast_bf16(TRANSPOSE)
 
 
-@pytest.mark.parametrize("backend,device", [p for p in backend_device_params(with_dtype=False)
-                                            if p.values[0] == "triton"])
-def test_triton_multi_tile_and_fused_statistics(backend, device, monkeypatch):
-    check_stats(TRANSPOSE, monkeypatch)
-    check_forward_backward(TRANSPOSE, "triton", device, torch.float32, (1, 17, 18, 5, 4), "channels_last", True)
+@needs_triton
+def test_triton_multi_tile_and_fused_statistics(monkeypatch):
+    check_stats(TRANSPOSE, TRITON_DEVICE, monkeypatch)
+    check_forward_backward(TRANSPOSE, "triton", TRITON_DEVICE, torch.float32, MULTI_TILE_SHAPE, "channels_last", True)
 
 
 @pytest.mark.parametrize("x,weight,bias,error,match", bad_input_params(TRANSPOSE))

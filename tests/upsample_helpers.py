@@ -17,6 +17,7 @@ import fastperc
 from fastperc import reference
 from helpers import (
     LAYOUTS,
+    ON_GPU,
     TF32_TOLERANCE,
     TOLERANCE,
     assert_close,
@@ -84,6 +85,9 @@ SHAPES = [
     (1, 64, 8, 3, 2),
 ]
 EDGE_SIZES = [1, 2, 3, 5]
+# Several tiles in every GEMM dimension: on the GPU's blocks (64 to 128), or under the
+# interpreter with blocks of 16 (the multi-tile test sets INTERPRETER_MAX_BLOCK).
+MULTI_TILE_SHAPE = (2, 136, 136, 13, 11) if ON_GPU else (1, 17, 18, 5, 4)
 
 
 def _interpreted(backend: str, device: str) -> bool:
@@ -279,14 +283,14 @@ def bad_input_params(op: ConvOp) -> list:
     ]
 
 
-def check_stats(op: ConvOp, monkeypatch) -> None:
+def check_stats(op: ConvOp, device, monkeypatch) -> None:
     """The forward epilogue's per-(n, c) mean and biased variance equal those of y, merged
     over several pixel tiles (blocks of 16) of inputs with a large mean."""
     from fastperc.kernels import upsample_conv
 
     monkeypatch.setattr(upsample_conv, "INTERPRETER_MAX_BLOCK", 16)
     launcher = getattr(upsample_conv, f"{op.name}_forward_stats")
-    x, weight, b = op.inputs((1, 5, 3, 5, 4))
+    x, weight, b = op.inputs((1, 5, 3, 5, 4), device=device)
     y, mean, var = launcher(x * 3 + 7, weight, b)
     ref_var, ref_mean = torch.var_mean(y.double(), dim=(2, 3), unbiased=False)
     assert mean.shape == var.shape == (1, 3)
