@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 import fastperc
 from conftest import DEVICE
-from fastperc.bench.cases import MODES, dtypes_for, providers
+from fastperc.bench import baselines
+from fastperc.bench.cases import MODES, SPECS, dtypes_for, providers
 from fastperc.bench.shapes import UPSAMPLE, shrink
 
 SHAPES = {label: (shrink(shape) if DEVICE != "cuda" else shape, c_out)
@@ -34,14 +35,6 @@ SHAPES = {label: (shrink(shape) if DEVICE != "cuda" else shape, c_out)
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 # Two shared CPU cores time noisily: more rounds than the default five for a usable median.
 CPU_ROUNDS = 9
-
-
-def _eager_upsample_conv2d(x, w, b):
-    return F.conv2d(F.pad(F.interpolate(x, scale_factor=2, mode="nearest"), (1, 1, 1, 1), mode="reflect"), w, b)
-
-
-def _eager_conv_transpose2d(x, w, b):
-    return F.conv_transpose2d(x, w, b, stride=2, padding=1, output_padding=1)
 
 
 def _phases_conv_transpose2d(x, w, b):
@@ -62,8 +55,8 @@ def _phases_conv_transpose2d(x, w, b):
 
 # op -> (eager composition, extra plain-torch competitors, weight shape (C_in, C_out) -> shape)
 OPS = {
-    "upsample_conv2d": (_eager_upsample_conv2d, {}, lambda ci, co: (co, ci, 3, 3)),
-    "conv_transpose2d": (_eager_conv_transpose2d, {"phases": _phases_conv_transpose2d},
+    "upsample_conv2d": (baselines.upsample_conv2d, {}, lambda ci, co: (co, ci, 3, 3)),
+    "conv_transpose2d": (baselines.conv_transpose2d, {"phases": _phases_conv_transpose2d},
                          lambda ci, co: (ci, co, 3, 3)),
 }
 _COMPILED: dict = {}
@@ -117,7 +110,7 @@ CASES = [pytest.param(op, label, shape, c_out, dtype, layout, mode, provider,
                       id=f"{op}-{label}-{layout}-{str(dtype).removeprefix('torch.')}-{mode}-{provider}")
          for op in OPS for label, (shape, c_out) in SHAPES.items() for layout in LAYOUTS
          for dtype in dtypes_for(DEVICE) for mode in MODES
-         for provider in providers(DEVICE) + list(OPS[op][1])]
+         for provider in providers(DEVICE, SPECS[op]) + list(OPS[op][1])]
 
 
 @pytest.mark.parametrize("op,label,shape,c_out,dtype,layout,mode,provider", CASES)

@@ -65,3 +65,14 @@ def instance_norm_residual(x, weight, bias, residual):
 
 def batch_norm_relu(x, weight, bias, running_mean, running_var):
     return F.relu(F.batch_norm(x, running_mean, running_var, weight, bias, training=True))
+
+
+def upsample_conv2d(x, weight, bias):
+    """pytorch/examples' UpsampleConvLayer: nearest x2, reflection pad 1, 3x3 conv."""
+    return F.conv2d(F.pad(F.interpolate(x, scale_factor=2, mode="nearest"), (1, 1, 1, 1), mode="reflect"),
+                    weight, bias)
+
+
+def conv_transpose2d(x, weight, bias):
+    """The paper's fractionally strided convolution (cuDNN / oneDNN)."""
+    return F.conv_transpose2d(x, weight, bias, stride=2, padding=1, output_padding=1)

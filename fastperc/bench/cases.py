@@ -18,7 +18,7 @@ import torch
 
 import fastperc
 from fastperc.bench import baselines
-from fastperc.bench.shapes import IMAGE, TRANSFORMER, VGG, scaled
+from fastperc.bench.shapes import IMAGE, TRANSFORMER, UPSAMPLE, VGG, scaled
 
 MODES = ("fwd", "fwd+bwd")
 
@@ -183,6 +183,49 @@ SPECS.update({
         "batch_norm_relu", TRANSFORMER,
         lambda sh, dt, dev: _norm_inputs(sh, dt, dev, running=True),
         baselines.batch_norm_relu, _norm_bytes(2), layouts=("nchw", "channels_last")),
+})
+
+
+def _conv_inputs(transposed: bool):
+    """x, a 3x3 weight to half as many channels ((C_out, C_in) or, transposed, (C_in, C_out)),
+    and a bias: the upsampling layers of TransformerNet."""
+    def make(shape, dtype, device):
+        c_in = shape[1]
+        c_out = c_in // 2
+        w_shape = (c_in, c_out, 3, 3) if transposed else (c_out, c_in, 3, 3)
+        x = torch.randn(shape, device=device).to(dtype).requires_grad_(True)
+        w = (torch.randn(w_shape, device=device) / (9 * c_in) ** 0.5).to(dtype).requires_grad_(True)
+        b = (0.1 * torch.randn(c_out, device=device)).to(dtype).requires_grad_(True)
+        return [x, w, b]
+    return make
+
+
+def _conv_bytes(shape, s, mode):
+    """Forward reads x and the weight and writes y (2H x 2W); backward adds dy, x, dx, dweight."""
+    n, c_in, h, w = shape
+    c_out = c_in // 2
+    x, y, weight = n * c_in * h * w, n * c_out * 4 * h * w, c_in * c_out * 9
+    fwd = (x + y + weight) * s
+    return fwd if mode == "fwd" else fwd + (y + 2 * x + weight) * s
+
+
+def _conv_flops(taps_per_pixel: int):
+    """Phase-decomposed FLOPs: 2 * taps * C_in * C_out per input pixel (16 taps for the
+    upsample conv, 9 for the transposed conv); forward+backward is three times the forward."""
+    def flops(shape, mode):
+        n, c_in, h, w = shape
+        fwd = 2 * taps_per_pixel * n * h * w * c_in * (c_in // 2)
+        return fwd if mode == "fwd" else 3 * fwd
+    return flops
+
+
+_UPSAMPLE_SHAPES = {label: shape for label, (shape, _) in UPSAMPLE.items()}
+SPECS.update({
+    "upsample_conv2d": OpSpec("upsample_conv2d", _UPSAMPLE_SHAPES, _conv_inputs(False), baselines.upsample_conv2d,
+                              _conv_bytes, _conv_flops(16), layouts=("nchw", "channels_last")),
+    "conv_transpose2d": OpSpec("conv_transpose2d", _UPSAMPLE_SHAPES, _conv_inputs(True),
+                               baselines.conv_transpose2d, _conv_bytes, _conv_flops(9),
+                               layouts=("nchw", "channels_last")),
 })
 
 
