@@ -150,12 +150,12 @@ def _gram_backward_kernel(x_ptr, out_ptr, b_ptr, a_ptr, scale_ptr, C, K,
                           s_xn, s_xc, s_xk, s_on, s_oc, s_ok, s_bn, s_br, s_bc,
                           BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
                           HAS_A: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
-    """Grid (cdiv(C, BLOCK_M), cdiv(K, BLOCK_K), N): out[n, i, k] = scale * sum_j M[i, j] psi[j, k],
+    """Grid (cdiv(K, BLOCK_K), cdiv(C, BLOCK_M), N): out[n, i, k] = scale * sum_j M[i, j] psi[j, k],
     M = B + B^T - 2 A (A contiguous (N, C, C), only when HAS_A)."""
     n = tl.program_id(2).to(tl.int64)
-    offs_i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_i = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     # 64-bit offsets: one image may span more than 2**31 elements.
-    offs_k = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_k = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_j = tl.arange(0, BLOCK_J)
     i_ok = offs_i < C
     k_ok = offs_k < K
@@ -329,7 +329,7 @@ def _backward_launch(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor | None, s
     b = b.expand(n, c, c)  # a (C, C) target broadcasts with batch stride 0
     has_a = a is not None
     a = a.contiguous() if has_a else b  # b: an unused pointer
-    _gram_backward_kernel[(cdiv(c, block_m), cdiv(k, block_k), n)](
+    _gram_backward_kernel[(cdiv(k, block_k), cdiv(c, block_m), n)](  # K blocks on axis 0: no 65,535 limit
         x, out, b, a, scale, c, k, s_xn, s_xc, s_xk, s_on, s_oc, s_ok, *b.stride(),
         BLOCK_M=block_m, BLOCK_J=block_j, BLOCK_K=block_k, HAS_A=has_a,
         ACC=tl_dtype(acc), PRECISION=_precision(x.dtype), num_warps=num_warps,

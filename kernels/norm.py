@@ -376,8 +376,13 @@ def _plan(device: torch.device, B: int, C: int, S: int, channels_inner: bool):
 # -- launchers -----------------------------------------------------------------------------
 
 
+def _unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
 def _forward(x, weight, bias, residual, eps, relu, per_sample, stats):
     """Shared forward. ``stats`` is None (compute batch statistics) or (mean, var) given."""
+    weight, bias = _unit_stride(weight), _unit_stride(bias)  # the kernels index them as w_ptr + c
     N, C, H, W = x.shape
     S = H * W
     acc = acc_dtype(x.dtype)
@@ -418,6 +423,7 @@ def _forward(x, weight, bias, residual, eps, relu, per_sample, stats):
 
 
 def _backward(dy, x, weight, bias, mean, stat, eps, relu, per_sample, centred, stat_is_var):
+    weight, bias = _unit_stride(weight), _unit_stride(bias)  # the kernels index them as w_ptr + c
     N, C, H, W = x.shape
     S = H * W
     acc = acc_dtype(x.dtype)

@@ -422,7 +422,7 @@ def _forward(mode: int, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tenso
     partial = torch.empty((n, 4, tiles_m, 2, o) if stats else (1,), dtype=acc, device=x.device)
     grid = (tiles_m, cdiv(o, cfg["BLOCK_N"]), n * 4)
     _phase_conv_fwd_kernel[grid](
-        xin, packed, bias if bias is not None else packed, y, partial,
+        xin, packed, bias.contiguous() if bias is not None else packed, y, partial,
         h, w, c, o, tiles_m, *_strides(xin), *_strides(y),
         MODE=mode, HAS_BIAS=bias is not None, STATS=stats, ACC_FP64=acc == torch.float64,
         PRECISION=_precision(x), **cfg)
