@@ -86,3 +86,15 @@ def test_autocast_bf16_inputs_give_float32_loss():
 def test_bad_inputs(a, b, error, match):
     with pytest.raises(error, match=match):
         fastperc.feature_loss(a, b)
+
+
+def test_autocast_promotes_mixed_dtypes():
+    a = make_input((2, 3, 6, 5)).requires_grad_(True)
+    b = make_input((2, 3, 6, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fa = torch.nn.functional.conv2d(a, torch.ones(3, 3, 1, 1) / 3)  # bf16 under autocast
+        loss = fastperc.feature_loss(fa, b)
+    ref = reference.feature_loss(fa.detach().double(), b.double())
+    assert_close(loss, ref, torch.float32)
+    loss.backward()
+    assert a.grad is not None and torch.isfinite(a.grad).all()

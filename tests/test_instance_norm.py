@@ -306,3 +306,16 @@ def test_bad_inputs(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         fastperc.instance_norm(*args, **kwargs)
 
+
+
+def test_autocast_casts_a_residual_of_another_dtype():
+    x = make_input((2, 3, 4, 5), torch.float32, "cpu").requires_grad_(True)
+    skip = make_input((2, 3, 4, 5), torch.float32, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = torch.nn.functional.conv2d(x, torch.eye(3).view(3, 3, 1, 1))  # bf16
+        y = fastperc.instance_norm(h, residual=skip)
+    assert y.dtype == torch.bfloat16
+    ref = reference.instance_norm(h.detach().double(), residual=skip.to(torch.bfloat16).double())
+    assert_close(y, ref, torch.bfloat16)
+    y.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

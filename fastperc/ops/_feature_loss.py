@@ -71,7 +71,8 @@ def feature_loss(a: Tensor, b: Tensor, *, backend: str | None = None) -> Tensor:
     """Feature reconstruction loss, ``sum((a - b)^2) / a.numel()`` (paper eq. 2, batch mean).
 
     Args:
-        a, b: (N, C, H, W) features of one shape and dtype (any memory format).
+        a, b: (N, C, H, W) features of one shape and dtype (any memory format); under
+            autocast two float dtypes are promoted to the wider one.
         backend: force a backend (see :mod:`fastperc.backends`).
     Returns:
         A 0-d tensor, float32 (float64 for float64 inputs).
@@ -81,5 +82,8 @@ def feature_loss(a: Tensor, b: Tensor, *, backend: str | None = None) -> Tensor:
     check_same_shape(a, "a", b, "b")
     check_same_device(a, "a", b, "b")
     if a.dtype != b.dtype:
-        raise TypeError(f"b: expected the dtype of a ({a.dtype}), got {b.dtype}")
+        if not torch.is_autocast_enabled(a.device.type):
+            raise TypeError(f"b: expected the dtype of a ({a.dtype}), got {b.dtype}")
+        common = torch.promote_types(a.dtype, b.dtype)  # under autocast, as F.mse_loss
+        a, b = a.to(common), b.to(common)
     return feature_loss_op(a, b, resolve_backend(backend, a.device))

@@ -183,7 +183,9 @@ def _check_channel_vector(t: Tensor | None, name: str, x: Tensor) -> None:
     check_same_device(x, "x", t, name)
 
 
-def _check_common(x, weight, bias, eps, relu, residual) -> float:
+def _check_common(x, weight, bias, eps, relu, residual) -> tuple[float, Tensor | None]:
+    """-> (eps, residual); under autocast a residual of another float dtype is cast to x's, as
+    the add ``norm(x) + residual`` would promote it there."""
     check_image(x, "x")
     _check_channel_vector(weight, "weight", x)
     _check_channel_vector(bias, "bias", x)
@@ -192,9 +194,11 @@ def _check_common(x, weight, bias, eps, relu, residual) -> float:
         check_same_shape(x, "x", residual, "residual")
         check_same_device(x, "x", residual, "residual")
         if residual.dtype != x.dtype:
-            raise TypeError(f"residual: expected the dtype of x ({x.dtype}), got {residual.dtype}")
+            if not torch.is_autocast_enabled(x.device.type):
+                raise TypeError(f"residual: expected the dtype of x ({x.dtype}), got {residual.dtype}")
+            residual = residual.to(x.dtype)
     _check_flag(relu, "relu")
-    return check_positive_finite(eps, "eps")
+    return check_positive_finite(eps, "eps"), residual
 
 
 def instance_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5, *,
@@ -212,12 +216,13 @@ def instance_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None =
         weight, bias: (C,) γ and β, or None (1 and 0); any float dtype.
         eps: ε > 0.
         relu: apply ReLU after the affine transform.
-        residual: a tensor of x's shape and dtype added last, or None.
+        residual: a tensor of x's shape and dtype added last, or None (under autocast any
+            float dtype: it is cast to x's).
         backend: force a backend (see :mod:`fastperc.backends`).
     Returns:
         y, shaped and typed as x. Statistics accumulate in float32 (float64 for float64 x).
     """
-    eps = _check_common(x, weight, bias, eps, relu, residual)
+    eps, residual = _check_common(x, weight, bias, eps, relu, residual)
     if x.shape[2] * x.shape[3] == 1:
         # As F.instance_norm: one spatial element has no variance to normalise by.
         raise ValueError(f"x: expected more than 1 spatial element (H·W > 1), got shape {tuple(x.shape)}")
@@ -250,7 +255,7 @@ def batch_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
             module's batch count: use :class:`fastperc.nn.BatchNorm2d`.
         eps: ε > 0. relu, residual, backend: as :func:`instance_norm`.
     """
-    eps = _check_common(x, weight, bias, eps, relu, residual)
+    eps, residual = _check_common(x, weight, bias, eps, relu, residual)
     _check_flag(training, "training")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean, running_var: expected both or neither, got "
