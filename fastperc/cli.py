@@ -6,6 +6,7 @@
     fastperc objective --content IMAGE --style IMAGE IMAGE [...]          equation 5 of any image
     fastperc upscale   --model MODEL INPUT... --out OUT [--match-histogram]  super-resolution
     fastperc sr-eval   --model MODEL|bicubic --hr-dir DIR --scale 4|8      mean PSNR/SSIM (Y channel)
+    fastperc sr-train  --scale 4|8 --dataset DIR --out RUN_DIR [--loss perceptual|pixel]  train one
     fastperc bench     [--quick] [--device cpu|cuda] [--out JSON]          the benchmarks (fastperc.bench)
 
 Bad input (a missing or unreadable file, an empty dataset, a model or weights file that does
@@ -136,6 +137,31 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
     e.set_defaults(func=_sr_eval)
 
+    st = sub.add_parser("sr-train", help="train a super-resolution network (x4 or x8)",
+                        description="Train a SuperResolutionNet on the images under --dataset, degraded as the "
+                                    "paper does (Gaussian blur sigma 1, bicubic downsampling). Writes "
+                                    "RUN_DIR/checkpoint.pt, log.jsonl, loss.png and model.pth.")
+    st.add_argument("--scale", type=int, help="4 or 8")
+    st.add_argument("--dataset", metavar="DIR", help="folder of high-resolution images (searched recursively)")
+    st.add_argument("--out", metavar="RUN_DIR", required=True, help="the run directory")
+    st.add_argument("--loss", help="perceptual (relu2_2 feature loss, the paper's; default) or pixel")
+    st.add_argument("--iterations", type=int, metavar="N", help="optimizer steps (default 200000, the paper's)")
+    st.add_argument("--batch-size", type=int, help="images per step (default 4)")
+    st.add_argument("--image-size", type=int, help="high-resolution crop size, a multiple of the scale "
+                                                   "(default 288)")
+    st.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    st.add_argument("--content-weight", type=float, help="weight of the perceptual or pixel term (default 1)")
+    st.add_argument("--tv-weight", type=float, help="weight of the TV term (default 0)")
+    st.add_argument("--vgg-weights", metavar="imagenet|random|PATH",
+                    help="VGG-16 weights of the perceptual loss (default imagenet)")
+    st.add_argument("--checkpoint-every", type=int, metavar="N", help="save the checkpoint every N steps (1000)")
+    st.add_argument("--log-every", type=int, metavar="N", help="log every N steps (default 10)")
+    st.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR (to --iterations)")
+    st.add_argument("--seed", type=int, help="seed of the initial weights and the data order (default 0)")
+    st.add_argument("--workers", type=int, help="data loading processes (default min(4, CPUs))")
+    st.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+    st.set_defaults(func=_sr_train)
+
     from fastperc.bench import runner as bench
 
     r = sub.add_parser("bench", help="time the fused ops and networks against eager torch and torch.compile",
@@ -195,6 +221,12 @@ def _sr_eval(args: argparse.Namespace) -> int:
 
     sr_eval(args.model, args.hr_dir, args.scale, out=args.out, device=args.device)
     return 0
+
+
+def _sr_train(args: argparse.Namespace) -> int:
+    from fastperc.sr_train import FIELDS, sr_train
+
+    return sr_train({k: v for k, v in vars(args).items() if k in FIELDS}, resume=args.resume)
 
 
 def main(argv: list[str] | None = None) -> int:
