@@ -49,12 +49,14 @@ def feature_loss_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def feature_loss_backward(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """grad: 0-d upstream gradient -> d loss / d a, shaped and laid out like (dense) a."""
-    a, b = as_same_dense(a, b)
+    """grad: 0-d upstream gradient -> d loss / d a, laid out as torch.empty_like(a) (the op's
+    fake implementation promises that layout)."""
+    out = torch.empty_like(a)
+    a_dense, b_dense = as_same_dense(a, b)
     numel = a.numel()
     scale = (grad.to(acc_dtype(a.dtype)) * (2.0 / numel)).reshape(1)
-    out = torch.empty_like(a)
+    result = out if a_dense.stride() == out.stride() else torch.empty_like(a_dense)
     _diff_grad_kernel[(cdiv(numel, BLOCK),)](
-        flat_view(a), flat_view(b), scale, flat_view(out), numel, BLOCK=BLOCK
+        flat_view(a_dense), flat_view(b_dense), scale, flat_view(result), numel, BLOCK=BLOCK
     )
-    return out
+    return out if result is out else out.copy_(result)

@@ -98,3 +98,14 @@ def test_autocast_promotes_mixed_dtypes():
     assert_close(loss, ref, torch.float32)
     loss.backward()
     assert a.grad is not None and torch.isfinite(a.grad).all()
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params(with_dtype=False))
+def test_gradient_layout_matches_the_fake_implementation(backend, device):
+    """A dense but permuted input: the gradient is laid out as torch.empty_like(a) promises."""
+    a = make_input((2, 3, 5, 4), torch.float32, device).transpose(2, 3)
+    b = make_input((2, 3, 4, 5), torch.float32, device)
+    g = torch.tensor(1.5, device=device)
+    got = torch.ops.fastperc.feature_loss_backward(g, a, b, backend)
+    assert got.stride() == torch.empty_like(a).stride()
+    assert_close(got, reference.feature_loss_backward(g.double(), a.double(), b.double()), torch.float32)
