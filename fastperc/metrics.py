@@ -90,6 +90,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 255, y_channel: b
         reduction: "mean" over the batch (0-d tensor) or "none" (shape (N,)).
 
     Identical images give ``inf`` (a zero MSE), not NaN; a mean over a batch holding one is ``inf``.
+    There the gradient is undefined (NaN): PSNR is not a training loss for exact matches.
     """
     a, b, dr = _prepare(a, b, data_range, y_channel, crop_border, reduction)
     mse = (a - b).pow(2).flatten(1).mean(dim=1)

@@ -200,7 +200,11 @@ def sr_eval(model: str, hr_dir: str, scale: int, *, out: str | None = None, devi
             progress: bool = True) -> dict:
     """Run ``fastperc sr-eval``: mean PSNR and SSIM (Y channel, border ``scale``) of ``model``
     (a SuperResolutionNet file, or "bicubic") on every image under ``hr_dir``; prints a table and
-    writes the results as JSON to ``out`` if given. Returns the results."""
+    writes the results as JSON to ``out`` if given. Returns the results.
+
+    Unreadable image files are skipped with a warning and counted (``"skipped"``). An output
+    identical to its HR image has an infinite PSNR, written to the JSON as ``Infinity`` (as
+    Python's json module does)."""
     scale = _check_scale(scale)
     if not os.path.isdir(hr_dir):
         what = "is not a directory" if os.path.exists(hr_dir) else "no such directory"
@@ -222,9 +226,14 @@ def sr_eval(model: str, hr_dir: str, scale: int, *, out: str | None = None, devi
         raise InputError(f"{hr_dir}: no readable images in --hr-dir")
     # SSIM needs 11x11 pixels after removing the border; the network needs a 5x5 input.
     min_side = max(SSIM_WINDOW + 2 * scale, MIN_LR_SIZE * scale)
-    rows = []
+    rows, undecodable = [], 0
     for path in tqdm(files, unit="image", disable=not progress or len(files) < 2, dynamic_ncols=True):
-        hr = to_tensor(load_image(path)).to(dev)
+        try:
+            hr = to_tensor(load_image(path)).to(dev)
+        except InputError as exc:  # passed the header check, fails to decode
+            tqdm.write(f"warning: skipping {exc}", file=sys.stderr)
+            undecodable += 1
+            continue
         h, w = hr.shape[-2:]
         if min(h, w) < scale:
             raise InputError(f"{path}: {w}x{h} is smaller than the scale {scale}")
@@ -235,9 +244,11 @@ def sr_eval(model: str, hr_dir: str, scale: int, *, out: str | None = None, devi
         with torch.no_grad():
             p, s = evaluate_image(hr, scale, upscaler)
         rows.append({"image": os.path.relpath(path, hr_dir), "psnr": p, "ssim": s})
+    if not rows:
+        raise InputError(f"{hr_dir}: no readable images in --hr-dir")
     result = {"model": model, "scale": scale, "images": len(rows),
               "psnr": sum(r["psnr"] for r in rows) / len(rows), "ssim": sum(r["ssim"] for r in rows) / len(rows),
-              "per_image": rows, "skipped": len(bad),
+              "per_image": rows, "skipped": len(bad) + undecodable,
               "protocol": "HR cropped to a multiple of the scale; LR = Gaussian blur sigma 1 + bicubic downsampling, "
                           "8-bit; output 8-bit; PSNR/SSIM on BT.601 Y with a border of `scale` pixels removed"}
     width = max(len("image"), *(len(r["image"]) for r in rows), len("mean"))

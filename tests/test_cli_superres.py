@@ -2,6 +2,7 @@
 an independent PSNR/SSIM computation (scikit-image), histogram matching, bad input."""
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -32,6 +33,10 @@ def files(tmp_path_factory):
     noise_image((40, 36), 1).save(hr / "a.png")
     noise_image((45, 38), 2).save(hr / "sub" / "b.png")
     (hr / "notes.txt").write_text("not an image")
+    (hr / "corrupt.png").write_bytes(b"not a PNG" * 20)  # fails the header scan
+    buf = io.BytesIO()
+    noise_image((48, 48), 3).save(buf, "JPEG")
+    (hr / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # fails to decode
     return {"root": root, "hr": hr, "x4": _save_model(root / "x4.pth", 4), "x8": _save_model(root / "x8.pth", 8)}
 
 
@@ -117,6 +122,7 @@ def test_sr_eval_bicubic(files, tmp_path, capsys):
     assert code == 0, err
     result = json.loads(out.read_text())
     assert result["images"] == 2 and result["scale"] == 4 and result["model"] == "bicubic"
+    assert result["skipped"] == 2 and "corrupt.png" in err and "truncated.jpg" in err
     names = [r["image"] for r in result["per_image"]]
     assert names == ["a.png", "sub/b.png"]
     want = [_expected(files["hr"] / n, 4, lambda lr: F.interpolate(lr, scale_factor=4, mode="bicubic"))
