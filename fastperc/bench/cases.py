@@ -77,8 +77,14 @@ class Case:
         if provider == "eager":
             fn = self.spec.eager
         elif provider == "compile":
+            # One specialised graph per case, as a user compiling for one shape gets (a graph
+            # shared across shapes would be recompiled with dynamic shapes, or fall back to eager
+            # past the recompile limit).
             compiled = {} if compiled is None else compiled
-            fn = compiled.setdefault(self.op, torch.compile(self.spec.eager))
+            if self.id not in compiled:
+                _raise_recompile_limit()
+                compiled[self.id] = torch.compile(self.spec.eager, dynamic=False)
+            fn = compiled[self.id]
         else:
             fn = self.spec.fused(provider)
         inputs = self.spec.make_inputs(self.shape, self.dtype, self.device)
@@ -94,6 +100,15 @@ class Case:
             torch.autograd.grad(out, leaves, torch.ones_like(out))
 
         return forward_backward
+
+
+def _raise_recompile_limit(limit: int = 256) -> None:
+    """Each case compiles the same eager function again for its shape; allow that many."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
 
 
 def _activation(shape, dtype, device, requires_grad=True):
@@ -116,6 +131,8 @@ def _gram_bytes(shape, s, mode):
 
 
 def _gram_flops(shape, mode):
+    """The useful FLOPs of the full product, 2 N C^2 HW per pass; the Triton kernel computes
+    only the upper triangle (about half), so its TFLOP/s is a useful-work rate."""
     n, c, h, w = shape
     return 2 * n * c * c * h * w * (1 if mode == "fwd" else 2)
 
