@@ -15,8 +15,10 @@ from fastperc.ops import (
     tv_loss,
     upsample_conv2d,
 )
+from fastperc import metrics
 from fastperc.losses import PerceptualLoss
 from fastperc.models import SuperResolutionNet, TransformerNet, VGG16Features
+from fastperc.superres import degrade
 
 __version__ = "0.1.0"
 
@@ -29,11 +31,13 @@ __all__ = [
     "batch_norm",
     "batch_norm_relu",
     "conv_transpose2d",
+    "degrade",
     "feature_loss",
     "get_backend",
     "gram",
     "instance_norm",
     "instance_norm_relu",
+    "metrics",
     "set_backend",
     "style_loss",
     "tv_loss",
