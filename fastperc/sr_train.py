@@ -31,7 +31,6 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from fastperc.checkpoints import load_checkpoint
 from fastperc.data import ImageFolder, ResumableSampler, collate, scan_images, worker_init
 from fastperc.images import IMAGE_EXTENSIONS, InputError, check_writable_dir, describe_error
 from fastperc.losses import PerceptualLoss
@@ -39,7 +38,8 @@ from fastperc.models.superres import SuperResolutionNet
 from fastperc.ops import feature_loss, tv_loss
 from fastperc.optimize import vgg_weights_arg, resolve_device
 from fastperc.superres import MIN_LR_SIZE, SCALES, degrade, quantize
-from fastperc.train import (CHECKPOINT, LOG, MODEL, PLOT, StopSignals, _say, atomic_save, holds_run, plot_loss,
+from fastperc.train import (CHECKPOINT, LOG, MODEL, PLOT, StopSignals, _say, atomic_save, holds_run,
+                            options_over_checkpoint, plot_loss,
                             remove_stale_temporaries, truncate_log)
 
 FORMAT = "fastperc-sr-train-1"
@@ -73,24 +73,8 @@ FIELDS = {f.name for f in dataclasses.fields(SRTrainConfig)}
 
 def resolve_config(options: dict, resume: bool) -> tuple[SRTrainConfig, dict | None]:
     """The run's settings: ``options`` (None = not given) over the checkpoint's when resuming."""
-    options = {k: v for k, v in options.items() if v is not None}
-    unknown = set(options) - FIELDS
-    if unknown:
-        raise TypeError(f"unknown sr-train options: {sorted(unknown)}")
-    if not options.get("out"):
-        raise InputError("--out RUN_DIR is required")
-    ckpt = None
-    if resume:
-        path = Path(options["out"]) / CHECKPOINT
-        if not path.is_file():
-            raise InputError(f"{path}: no checkpoint to resume (train without --resume to start a run)")
-        try:
-            ckpt = load_checkpoint(path, what="training checkpoint")
-        except (FileNotFoundError, ValueError) as exc:
-            raise InputError(str(exc)) from None
-        if not (isinstance(ckpt, dict) and ckpt.get("format") == FORMAT and isinstance(ckpt.get("args"), dict)):
-            raise InputError(f"{path}: not a fastperc sr-train checkpoint")
-        options = {**{k: v for k, v in ckpt["args"].items() if k in FIELDS}, **options}
+    options, ckpt = options_over_checkpoint(options, resume, FIELDS, lambda c: c.get("format") == FORMAT,
+                                            "sr-train")
     cfg = SRTrainConfig(**options)
     if cfg.scale is None:
         raise InputError("--scale 4|8 is required")

@@ -86,32 +86,40 @@ def holds_run(run_dir: str | os.PathLike) -> str | None:
     return None
 
 
+def options_over_checkpoint(options: dict, resume: bool, fields: set, is_run_checkpoint, what: str
+                            ) -> tuple[dict, dict | None]:
+    """The given ``options`` (None = not given) over the saved ones of RUN_DIR's checkpoint when
+    resuming. Returns (options, checkpoint or None); ``is_run_checkpoint(ckpt)`` says whether a
+    loaded file is a checkpoint of this kind of run (``what`` names that kind in the error)."""
+    options = {k: v for k, v in options.items() if v is not None}
+    unknown = set(options) - fields
+    if unknown:
+        raise TypeError(f"unknown {what} options: {sorted(unknown)}")
+    if not options.get("out"):
+        raise InputError("--out RUN_DIR is required")
+    if not resume:
+        return options, None
+    path = Path(options["out"]) / CHECKPOINT
+    if not path.is_file():
+        raise InputError(f"{path}: no checkpoint to resume (train without --resume to start a run)")
+    try:
+        ckpt = load_checkpoint(path, what="training checkpoint")
+    except (FileNotFoundError, ValueError) as exc:
+        raise InputError(str(exc)) from None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) and is_run_checkpoint(ckpt)):
+        raise InputError(f"{path}: not a fastperc {what} checkpoint")
+    return {**{k: v for k, v in ckpt["args"].items() if k in fields}, **options}, ckpt
+
+
 def resolve_config(options: dict, resume: bool) -> tuple[TrainConfig, dict | None]:
     """The run's settings: ``options`` (the ones given), over the checkpoint's when resuming.
 
     Returns (config, checkpoint or None)."""
-    options = {k: v for k, v in options.items() if v is not None}
-    unknown = set(options) - FIELDS
-    if unknown:
-        raise TypeError(f"unknown training options: {sorted(unknown)}")
-    if not options.get("out"):
-        raise InputError("--out RUN_DIR is required")
-    ckpt = None
-    if resume:
-        path = Path(options["out"]) / CHECKPOINT
-        if not path.is_file():
-            raise InputError(f"{path}: no checkpoint to resume (train without --resume to start a run)")
-        try:
-            ckpt = load_checkpoint(path, what="training checkpoint")
-        except (FileNotFoundError, ValueError) as exc:
-            raise InputError(str(exc)) from None
-        if not (isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict)
-                and all(k in ckpt for k in ("model", "optimizer", "step"))):
-            raise InputError(f"{path}: not a fastperc training checkpoint")
-        saved = {k: v for k, v in ckpt["args"].items() if k in FIELDS}
-        if "iterations" in options:
-            saved["epochs"] = None  # an explicit --iterations replaces the run's --epochs
-        options = {**saved, **options}
+    given = {k for k, v in options.items() if v is not None}
+    options, ckpt = options_over_checkpoint(
+        options, resume, FIELDS, lambda c: all(k in c for k in ("model", "optimizer", "step")), "training")
+    if ckpt is not None and "iterations" in given and "epochs" not in given:
+        options["epochs"] = None  # an explicit --iterations replaces the run's --epochs
     cfg = TrainConfig(**options)
     if not cfg.style:
         raise InputError("--style IMAGE is required")
