@@ -171,6 +171,33 @@ def stylize_video(stylizer: Stylizer, src: Path, dst: Path, batch_size: int, pro
     return frames
 
 
+class ReadImages:
+    """Iterates (src, dst, image tensor) over planned image jobs, with a progress bar. A file
+    named directly that cannot be read raises; one found in a folder is skipped with a warning
+    and counted in ``skipped`` (``report_skipped()`` says the count at the end)."""
+
+    def __init__(self, jobs: list[tuple[Path, Path, bool]], progress: bool):
+        self.jobs, self.progress, self.skipped = jobs, progress, 0
+
+    def __iter__(self):
+        for src, dst, direct in tqdm(self.jobs, unit="image", disable=not self.progress or len(self.jobs) < 2,
+                                     dynamic_ncols=True):
+            try:
+                x = to_tensor(load_image(src))
+            except InputError as exc:
+                if direct:
+                    raise
+                tqdm.write(f"warning: skipping {exc}", file=sys.stderr)
+                self.skipped += 1
+                continue
+            yield src, dst, x
+
+    def report_skipped(self) -> None:
+        if self.skipped:
+            tqdm.write(f"skipped {self.skipped} unreadable image file{'s' * (self.skipped != 1)} (named above)",
+                       file=sys.stderr)
+
+
 def stylize(model: str, inputs: list[str], out: str, *, device: str | None = None, amp: str = "off",
             batch_size: int = 4, scale: float = 1.0, progress: bool = True) -> int:
     """Run ``fastperc stylize``; returns the exit status (bad input raises InputError)."""
@@ -190,7 +217,6 @@ def stylize(model: str, inputs: list[str], out: str, *, device: str | None = Non
     videos = [(src, dst) for src, dst, _ in jobs if is_video_file(src)]
     if videos:
         _video_module(videos[0][0])  # say so before doing any work
-    skipped = 0
     pending: list[tuple[torch.Tensor, Path]] = []
 
     def flush():
@@ -199,16 +225,8 @@ def stylize(model: str, inputs: list[str], out: str, *, device: str | None = Non
                 save_image(y, dst)
             pending.clear()
 
-    for src, dst, direct in tqdm(images, unit="image", disable=not progress or len(images) < 2,
-                                 dynamic_ncols=True):
-        try:
-            x = to_tensor(load_image(src))
-        except InputError as exc:
-            if direct:
-                raise
-            tqdm.write(f"warning: skipping {exc}", file=sys.stderr)
-            skipped += 1
-            continue
+    read = ReadImages(images, progress)
+    for src, dst, x in read:
         if not stylizer.size_ok(*x.shape[-2:]):
             raise InputError(f"{src}: too small ({x.shape[-1]}x{x.shape[-2]}); the network needs at least "
                              f"{MIN_SIZE}x{MIN_SIZE} pixels after --scale")
@@ -218,11 +236,10 @@ def stylize(model: str, inputs: list[str], out: str, *, device: str | None = Non
     flush()
     n_frames = sum(stylize_video(stylizer, src, dst, batch_size, progress) for src, dst in videos)
 
-    written = len(images) - skipped
+    written = len(images) - read.skipped
     where = jobs[0][1] if len(jobs) == 1 else out
     parts = [f"{written} image{'s' * (written != 1)}"] + (
         [f"{len(videos)} video{'s' * (len(videos) != 1)} ({n_frames} frames)"] if videos else [])
     print(f"stylized {' and '.join(parts)}: {where}")
-    if skipped:
-        tqdm.write(f"skipped {skipped} unreadable image file{'s' * (skipped != 1)} (named above)", file=sys.stderr)
+    read.report_skipped()
     return 0

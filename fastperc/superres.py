@@ -138,7 +138,7 @@ def upscale(model: str, inputs: list[str], out: str, *, match_hist: bool = False
             progress: bool = True) -> int:
     """Run ``fastperc upscale``: every input image (files or folders) upscaled by the model's
     factor; with ``match_hist`` each output's colour histogram is matched to its input's."""
-    from fastperc.stylize import plan
+    from fastperc.stylize import ReadImages, plan
 
     if not inputs:
         raise InputError("no INPUT given (image files or folders)")
@@ -148,16 +148,8 @@ def upscale(model: str, inputs: list[str], out: str, *, match_hist: bool = False
         if is_video_file(src):
             raise InputError(f"{src}: upscale takes images, not videos")
     net = load_sr_model(model).to(dev)
-    skipped = 0
-    for src, dst, direct in tqdm(jobs, unit="image", disable=not progress or len(jobs) < 2, dynamic_ncols=True):
-        try:
-            x = to_tensor(load_image(src))
-        except InputError as exc:
-            if direct:
-                raise
-            tqdm.write(f"warning: skipping {exc}", file=sys.stderr)
-            skipped += 1
-            continue
+    read = ReadImages(jobs, progress)
+    for src, dst, x in read:
         if min(x.shape[-2:]) < MIN_LR_SIZE:
             raise InputError(f"{src}: too small ({x.shape[-1]}x{x.shape[-2]}); the network needs at least "
                              f"{MIN_LR_SIZE}x{MIN_LR_SIZE} pixels")
@@ -166,10 +158,9 @@ def upscale(model: str, inputs: list[str], out: str, *, match_hist: bool = False
         if match_hist:
             y = match_histogram(y, x)
         save_image(y, dst)
-    written = len(jobs) - skipped
+    written = len(jobs) - read.skipped
     print(f"upscaled {written} image{'s' * (written != 1)} x{net.scale}: {jobs[0][1] if len(jobs) == 1 else out}")
-    if skipped:
-        tqdm.write(f"skipped {skipped} unreadable image file{'s' * (skipped != 1)} (named above)", file=sys.stderr)
+    read.report_skipped()
     return 0
 
 
