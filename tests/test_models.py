@@ -148,3 +148,17 @@ def test_bad_network_arguments(kwargs, match):
 def test_bad_scale():
     with pytest.raises(ValueError, match=r"scale: expected one of \[4, 8\], got 3"):
         fastperc.SuperResolutionNet(3)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_fused_network_keeps_the_input_layout(fmt):
+    torch.manual_seed(0)
+    plain = randomize_norms(fastperc.TransformerNet(fused=False)).eval()
+    fused = fastperc.TransformerNet(fused=True).eval()
+    fused.load_state_dict(plain.state_dict())
+    x = (torch.rand(2, 3, 20, 12) * 255).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        out = fused(x)
+        expected = plain(x.contiguous())
+    assert out.is_contiguous(memory_format=fmt)
+    assert rel_err(out, expected) < 1e-4

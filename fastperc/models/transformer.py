@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastperc.checkpoints import load_state_dict_file
+from fastperc.torch_backend.gram import natural_format
 from fastperc.ops import batch_norm, conv_transpose2d, instance_norm, upsample_conv2d
 
 VARIANTS = ("examples", "paper")
@@ -38,25 +39,16 @@ NORMS = ("instance", "batch")
 
 
 class ConvLayer(nn.Module):
-    """Reflection padding of kernel_size // 2, then a convolution (key ``conv2d``).
+    """Reflection padding of kernel_size // 2, then a convolution (key ``conv2d``)."""
 
-    ``cpu_channels_last``: on CPU tensors, run the convolution in channels_last and return to
-    the input's layout (oneDNN ran the output layer's 9x9 32->3 convolution at 512^2 in 123 ms
-    channels_last against 172 ms NCHW on two cores, the conversion included)."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 cpu_channels_last: bool = False):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1):
         super().__init__()
         self.padding = kernel_size // 2
-        self.cpu_channels_last = cpu_channels_last
         self.conv2d = nn.Conv2d(in_channels, out_channels, kernel_size, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.padding
-        padded = F.pad(x, (p, p, p, p), mode="reflect")
-        if self.cpu_channels_last and x.device.type == "cpu" and x.is_contiguous():
-            return self.conv2d(padded.contiguous(memory_format=torch.channels_last)).contiguous()
-        return self.conv2d(padded)
+        return self.conv2d(F.pad(x, (p, p, p, p), mode="reflect"))
 
 
 class UpsampleConvLayer(nn.Module):
@@ -169,7 +161,7 @@ class TransformerNet(nn.Module):
         self.in4 = _make_norm(norm, 64)
         self.deconv2 = up(64, 32, fused)
         self.in5 = _make_norm(norm, 32)
-        self.deconv3 = ConvLayer(32, 3, 9, 1, cpu_channels_last=fused)
+        self.deconv3 = ConvLayer(32, 3, 9, 1)
 
     def _block(self, conv: nn.Module, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return normalize(norm, conv(x), fused=self.fused, relu=True)
@@ -177,6 +169,13 @@ class TransformerNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"x: expected images (N, 3, H, W), got shape {tuple(x.shape)}")
+        if self.fused and x.device.type == "cpu" and natural_format(x) != torch.channels_last:
+            # oneDNN runs most of these convolutions faster in channels_last; the fused norms
+            # and upsampling convs take it too, so the whole network runs in it.
+            return self._forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._block(self.conv1, self.in1, x)
         y = self._block(self.conv2, self.in2, y)
         y = self._block(self.conv3, self.in3, y)
