@@ -146,12 +146,14 @@ def _gram_reduce_kernel(ws_ptr, g_ptr, t_ptr, part_ptr, C, S, count, s_tn, s_tr,
 
 
 @triton.jit
-def _gram_backward_kernel(x_ptr, out_ptr, b_ptr, a_ptr, scale_ptr, C, K,
+def _gram_backward_kernel(x_ptr, out_ptr, b_ptr, a_ptr, scale_ptr, m_scale_ptr, C, K,
                           s_xn, s_xc, s_xk, s_on, s_oc, s_ok, s_bn, s_br, s_bc,
                           BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-                          HAS_A: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+                          HAS_A: tl.constexpr, SCALE_M: tl.constexpr, ACC: tl.constexpr,
+                          PRECISION: tl.constexpr):
     """Grid (cdiv(K, BLOCK_K), cdiv(C, BLOCK_M), N): out[n, i, k] = scale * sum_j M[i, j] psi[j, k],
-    M = B + B^T - 2 A (A contiguous (N, C, C), only when HAS_A)."""
+    M = B + B^T - 2 A (A contiguous (N, C, C), only when HAS_A). With SCALE_M, M is multiplied
+    by m_scale before it is rounded to x's dtype for the dot (scale carries the inverse)."""
     n = tl.program_id(2).to(tl.int64)
     offs_i = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     # 64-bit offsets: one image may span more than 2**31 elements.
@@ -170,6 +172,8 @@ def _gram_backward_kernel(x_ptr, out_ptr, b_ptr, a_ptr, scale_ptr, C, K,
         if HAS_A:
             a = tl.load(a_ptr + n * C * C + offs_i[:, None] * C + j[None, :], mask=mask, other=0.0)
             m -= 2.0 * a.to(ACC)
+        if SCALE_M:
+            m *= tl.load(m_scale_ptr).to(ACC)
         psi = tl.load(x_base + j.to(tl.int64)[:, None] * s_xc + offs_k[None, :] * s_xk,
                       mask=(j[:, None] < C) & k_ok[None, :], other=0.0)
         acc = tl.dot(m.to(x_ptr.dtype.element_ty), psi, acc, input_precision=PRECISION)
@@ -329,9 +333,18 @@ def _backward_launch(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor | None, s
     b = b.expand(n, c, c)  # a (C, C) target broadcasts with batch stride 0
     has_a = a is not None
     a = a.contiguous() if has_a else b  # b: an unused pointer
+    scale_m = x.dtype in (torch.float16, torch.bfloat16)
+    m_scale = scale
+    if scale_m:
+        # M = B + B^T - 2A can leave the fp16 range where B and A do not: the dot takes M / max|M|.
+        m = b.to(acc) + b.transpose(1, 2).to(acc)
+        if has_a:
+            m -= 2 * a.to(acc)
+        peak = m.abs().amax().clamp_min(torch.finfo(acc).tiny).reshape(1)
+        m_scale, scale = peak.reciprocal(), scale * peak
     _gram_backward_kernel[(cdiv(k, block_k), cdiv(c, block_m), n)](  # K blocks on axis 0: no 65,535 limit
-        x, out, b, a, scale, c, k, s_xn, s_xc, s_xk, s_on, s_oc, s_ok, *b.stride(),
-        BLOCK_M=block_m, BLOCK_J=block_j, BLOCK_K=block_k, HAS_A=has_a,
+        x, out, b, a, scale, m_scale, c, k, s_xn, s_xc, s_xk, s_on, s_oc, s_ok, *b.stride(),
+        BLOCK_M=block_m, BLOCK_J=block_j, BLOCK_K=block_k, HAS_A=has_a, SCALE_M=scale_m,
         ACC=tl_dtype(acc), PRECISION=_precision(x.dtype), num_warps=num_warps,
     )
     return out

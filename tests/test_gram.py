@@ -74,6 +74,16 @@ def test_fp16_values_in_the_hundreds_do_not_overflow(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params(with_dtype=False))
+def test_fp16_backward_of_an_upstream_gradient_near_the_fp16_limit(backend, device):
+    # dG + dG^T reaches ~1e5, beyond fp16's 65504, though dG itself is representable.
+    x = make_input(TALL, torch.float16, device).requires_grad_(True)
+    dg = make_input((1, 16, 16, 1), torch.float16, device, scale=1e3, offset=5e4)[..., 0]
+    fastperc.gram(x, backend=backend).backward(dg)
+    _, (gx,) = reference_grads(reference.gram, [x], dg)
+    assert_close(x.grad, gx, torch.float16, what="grad x")
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params(with_dtype=False))
 def test_gradcheck_float64(backend, device):
     x = make_input((2, 3, 2, 3), torch.float64, device).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x: fastperc.gram(x, backend=backend), (x,), fast_mode=True)

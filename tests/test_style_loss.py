@@ -92,6 +92,18 @@ def test_fp16_values_in_the_hundreds_do_not_overflow(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params(with_dtype=False))
+def test_fp16_backward_with_a_target_beyond_the_fp16_range(backend, device):
+    # 2G - T - T^T reaches ~2e5 here; rounded to fp16 before the product it would be inf.
+    x = make_input(TALL, torch.float16, device).requires_grad_(True)
+    target = make_target("shared", 1, 16, device, scale=5e4)
+    loss = fastperc.style_loss(x, target, backend=backend)
+    loss.backward()
+    ref, (gx, _) = reference_grads(reference.style_loss, [x, target])
+    assert_close(loss, ref, torch.float16, what="loss")
+    assert_close(x.grad, gx, torch.float16, what="grad x")
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params(with_dtype=False))
 def test_gradcheck_float64(backend, device):
     x = make_input((2, 3, 2, 3), torch.float64, device).requires_grad_(True)
     t = make_target("shared", 2, 3, device, torch.float64).requires_grad_(True)

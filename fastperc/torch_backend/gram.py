@@ -7,7 +7,8 @@ symmetric) straight into a channels_last result. Any other layout is reshaped (a
 
 Half precision: the 1/(CHW) scale is the ``alpha`` of ``baddbmm``, applied to the fp32
 accumulator before the product is rounded to the input dtype, so G never overflows in fp16.
-The style loss needs G in fp32 (G - T cancels), so half inputs are promoted to fp32 first.
+The style loss needs G in fp32 (G - T cancels), so half inputs are promoted to fp32 first;
+the backward products run in fp32 too (their C x C factor can leave the fp16 range).
 """
 from __future__ import annotations
 
@@ -38,12 +39,16 @@ def _gram(psi: torch.Tensor, transposed: bool, count: int) -> torch.Tensor:
 
 
 def _apply(m: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Tensor:
-    """alpha * m @ psi for a symmetric (N, C, C) m, shaped and laid out like x (natural_format)."""
+    """alpha * m @ psi for a symmetric (N, C, C) m, shaped and laid out like x (natural_format).
+
+    Computed in the accumulation dtype: m (a sum or difference of Gram-sized matrices) may
+    exceed the fp16 range where each of its terms does not."""
     n, c, h, w = x.shape
     psi, transposed = _psi(x)
-    m = m.to(x.dtype)
+    acc = loss_dtype(x.dtype)
+    psi, m = psi.to(acc), m.to(acc)
     a, b = (psi, m) if transposed else (m, psi)  # channels_last: (M psi)^T = psi_t M^T = psi_t M
-    out = psi.new_empty(psi.shape).baddbmm_(a, b, beta=0, alpha=alpha)
+    out = psi.new_empty(psi.shape).baddbmm_(a, b, beta=0, alpha=alpha).to(x.dtype)
     return out.view(n, h, w, c).permute(0, 3, 1, 2) if transposed else out.view(n, c, h, w)
 
 
