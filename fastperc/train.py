@@ -363,6 +363,13 @@ def _train(cfg: TrainConfig, ckpt: dict | None, net: TransformerNet, loss_fn, st
              f"({sampler.steps_per_epoch} steps per epoch at batch {cfg.batch_size} x {world} processes) "
              f"to step {total}, on {device}, VGG weights {weights}")
 
+    if main and ckpt is not None:
+        saved_batch = (ckpt["args"].get("batch_size"), ckpt.get("world_size", 1))
+        if saved_batch != (cfg.batch_size, world):
+            _say(f"warning: the run was saved at batch {saved_batch[0]} x {saved_batch[1]} processes and "
+                 f"resumes at {cfg.batch_size} x {world}: from step {step} on, it reads the data in "
+                 "another order than an uninterrupted run would")
+
     saved_step, skipped = step, set()
     status, values = "done", [0.0] * 5
     epoch, offset = divmod(step, sampler.steps_per_epoch)

@@ -86,6 +86,18 @@ def test_resume_matches_uninterrupted_run(inputs, tmp_path, capsys):
         torch.testing.assert_close(ours(x), examples(x), rtol=1e-4, atol=1e-3)
 
 
+def test_resume_at_another_batch_size_says_the_data_order_changes(inputs, tmp_path, capsys):
+    style, clean, _ = inputs
+    run = tmp_path / "run"
+    assert run_main(train_argv(style, clean, run, iterations=1), capsys)[0] == 0
+    code, _, err = run_main(["train", "--out", run, "--resume", "--iterations", "2", "--batch-size", "1"], capsys)
+    assert code == 0, err
+    assert "saved at batch 2 x 1 processes and resumes at 1 x 1" in err
+    code, _, err = run_main(["train", "--out", run, "--resume", "--iterations", "3"], capsys)
+    assert code == 0, err
+    assert "another order" not in err  # the checkpoint now holds the new batch size
+
+
 def test_sampler_resumes_the_data_order():
     full = ResumableSampler(10, batch_size=2, seed=3)
     assert full.steps_per_epoch == 5
