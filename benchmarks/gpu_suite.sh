@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one command for the H200 test machine (../shared/GPU.md):
 #   benchmarks/gpu_suite.sh OUTPUT_DIR [all|tests|bench]
-# installs fastperc (building the CUDA extension for sm_90), runs the test suite on CUDA,
+# installs fastperc (building the CUDA extension for sm_90; tqdm from benchmarks/wheels where
+# missing), runs the test suite on CUDA (scikit-image comparisons skip there: it is not installed),
 # then `fastperc bench` in full, and leaves the results JSON, the chart and the logs in
 # OUTPUT_DIR. Commit the JSON and the chart under benchmarks/results/.
 set -euo pipefail
@@ -12,6 +13,9 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 python3 -m pip install --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 \
   || { tail -n 30 "$out/install.log"; exit 1; }
+# The machine lacks tqdm (the command's progress bars): a pure-Python wheel travels with the repo.
+python3 -c "import tqdm" 2>/dev/null \
+  || python3 -m pip install --no-deps --no-index benchmarks/wheels/tqdm-*.whl >>"$out/install.log" 2>&1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$out/gpu.txt" 2>&1 || true
 status=0
 if [ "$phase" = all ] || [ "$phase" = tests ]; then

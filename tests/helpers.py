@@ -113,3 +113,11 @@ def reference_grads(fn, inputs: list[torch.Tensor], grad_out: torch.Tensor | Non
     g = torch.ones_like(out) if grad_out is None else grad_out.double()
     grads = torch.autograd.grad(out, leaves, g)
     return out.detach(), grads
+
+
+def skimage(submodule: str):
+    """``skimage.<submodule>``, the independent implementation some tests compare against.
+
+    Skips the calling test where scikit-image is not installed (the GPU test machine lacks it);
+    the dev extra installs it, so CI runs these comparisons."""
+    return pytest.importorskip(f"skimage.{submodule}", reason="compares against scikit-image: pip install -e '.[dev]'")

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from skimage.exposure import match_histograms
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from fastperc.degrade import degrade
 from fastperc.models.superres import SuperResolutionNet
-from fastperc.superres import degrade, match_histogram
+from fastperc.superres import match_histogram
+from helpers import skimage
 from test_cli_support import assert_one_line_error, noise_image, run_main
 
 
@@ -93,7 +93,7 @@ def test_upscale_folder_x8_and_match_histogram(files, tmp_path, capsys):
 def test_match_histogram_matches_skimage():
     img = torch.rand(3, 20, 24) * 255
     ref = (torch.rand(3, 7, 9) * 100 + 50).round()
-    want = match_histograms(img.permute(1, 2, 0).double().numpy(), ref.permute(1, 2, 0).double().numpy(),
+    want = skimage("exposure").match_histograms(img.permute(1, 2, 0).double().numpy(), ref.permute(1, 2, 0).double().numpy(),
                             channel_axis=-1)
     np.testing.assert_allclose(match_histogram(img, ref).permute(1, 2, 0).numpy(), want, rtol=1e-5, atol=1e-3)
 
@@ -110,8 +110,9 @@ def _expected(hr_path, scale, upscaler):
         t = t[0].numpy()
         return (16 + (65.481 * t[0] + 128.553 * t[1] + 24.966 * t[2]) / 255)[scale:-scale, scale:-scale]
 
-    return (peak_signal_noise_ratio(y(hr), y(sr), data_range=255),
-            structural_similarity(y(hr), y(sr), gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+    metrics = skimage("metrics")
+    return (metrics.peak_signal_noise_ratio(y(hr), y(sr), data_range=255),
+            metrics.structural_similarity(y(hr), y(sr), gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
                                   data_range=255))
 
 

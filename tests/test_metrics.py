@@ -4,9 +4,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from fastperc.metrics import psnr, rgb_to_y, ssim
+from helpers import skimage
 
 SHAPES = [(1, 3, 11, 11), (2, 3, 23, 19), (3, 3, 32, 40)]
 
@@ -24,9 +24,14 @@ def _y_numpy(x, data_range=255.0):
     return y * (data_range / 255.0)
 
 
+def _sk_psnr(a, b, data_range):
+    return skimage("metrics").peak_signal_noise_ratio(a, b, data_range=data_range)
+
+
 def _sk_ssim(a, b, data_range, channel_axis=None):
-    return structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-                                 data_range=data_range, channel_axis=channel_axis)
+    return skimage("metrics").structural_similarity(a, b, gaussian_weights=True, sigma=1.5,
+                                                    use_sample_covariance=False, data_range=data_range,
+                                                    channel_axis=channel_axis)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -39,7 +44,7 @@ def test_y_channel_matches_skimage(shape, crop, data_range):
     ya, yb = _y_numpy(a, data_range), _y_numpy(b, data_range)
     if crop:
         ya, yb = ya[:, crop:-crop, crop:-crop], yb[:, crop:-crop, crop:-crop]
-    want_p = [peak_signal_noise_ratio(ya[i], yb[i], data_range=data_range) for i in range(shape[0])]
+    want_p = [_sk_psnr(ya[i], yb[i], data_range) for i in range(shape[0])]
     want_s = [_sk_ssim(ya[i], yb[i], data_range) for i in range(shape[0])]
     got_p = psnr(a, b, data_range=data_range, crop_border=crop, reduction="none")
     got_s = ssim(a, b, data_range=data_range, crop_border=crop, reduction="none")
@@ -56,7 +61,7 @@ def test_float32_close_to_skimage():
     got_p = psnr(a.float(), b.float(), reduction="none")
     got_s = ssim(a.float(), b.float(), reduction="none")
     assert got_p.dtype == got_s.dtype == torch.float32
-    np.testing.assert_allclose(got_p.numpy(), [peak_signal_noise_ratio(ya[i], yb[i], data_range=255)
+    np.testing.assert_allclose(got_p.numpy(), [_sk_psnr(ya[i], yb[i], 255)
                                                for i in range(2)], rtol=1e-5)
     np.testing.assert_allclose(got_s.numpy(), [_sk_ssim(ya[i], yb[i], 255) for i in range(2)], rtol=1e-4)
     half = ssim(a.half(), b.half())
@@ -71,7 +76,7 @@ def test_without_y_channel_matches_skimage(channels):
         want_s = _sk_ssim(an[0], bn[0], 255) if channels == 1 else _sk_ssim(an, bn, 255, channel_axis=0)
         np.testing.assert_allclose(ssim(a, b, y_channel=False, reduction="none")[i].item(), want_s, rtol=1e-10)
         np.testing.assert_allclose(psnr(a, b, y_channel=False, reduction="none")[i].item(),
-                                   peak_signal_noise_ratio(an, bn, data_range=255), rtol=1e-10)
+                                   _sk_psnr(an, bn, 255), rtol=1e-10)
 
 
 def test_rgb_to_y_known_values():
