@@ -2,7 +2,7 @@
 
 Each step takes a batch of high-resolution images (every image under ``--dataset``, resized and
 centre-cropped to ``--image-size``, 288 by default as in the paper, in a seeded order), makes
-their low-resolution inputs with :func:`fastperc.superres.degrade` (Gaussian blur sigma 1,
+their low-resolution inputs with :func:`fastperc.degrade` (Gaussian blur sigma 1,
 bicubic downsampling, 8-bit values) and minimises
 
 * ``--loss perceptual`` (the paper's): the feature reconstruction loss at VGG-16 relu2_2,
@@ -37,7 +37,8 @@ from fastperc.losses import PerceptualLoss
 from fastperc.models.superres import SuperResolutionNet
 from fastperc.ops import feature_loss, tv_loss
 from fastperc.optimize import vgg_weights_arg, resolve_device
-from fastperc.superres import MIN_LR_SIZE, SCALES, degrade, quantize
+from fastperc.degrade import degrade
+from fastperc.superres import MIN_LR_SIZE, SCALES, quantize
 from fastperc.train import (CHECKPOINT, LOG, MODEL, PLOT, StopSignals, _say, atomic_save, holds_run,
                             options_over_checkpoint, plot_loss,
                             remove_stale_temporaries, truncate_log)
