@@ -111,7 +111,7 @@ def _gram_tile_kernel(x_ptr, ws_ptr, g_ptr, t_ptr, part_ptr,
         k_ok = (k0 + offs_k) < k_end
         a = tl.load(a_ptrs, mask=(offs_i[:, None] < C) & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & (offs_j[None, :] < C), other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
         a_ptrs += BLOCK_K * s_xk
         b_ptrs += BLOCK_K * s_xk
     if SPLIT:
@@ -176,7 +176,7 @@ def _gram_backward_kernel(x_ptr, out_ptr, b_ptr, a_ptr, scale_ptr, m_scale_ptr, 
             m *= tl.load(m_scale_ptr).to(ACC)
         psi = tl.load(x_base + j.to(tl.int64)[:, None] * s_xc + offs_k[None, :] * s_xk,
                       mask=(j[:, None] < C) & k_ok[None, :], other=0.0)
-        acc = tl.dot(m.to(x_ptr.dtype.element_ty), psi, acc, input_precision=PRECISION)
+        acc = tl.dot(m.to(x_ptr.dtype.element_ty), psi, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     scale = tl.load(scale_ptr).to(ACC)
     out = (acc * scale).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + n * s_on + offs_i.to(tl.int64)[:, None] * s_oc + offs_k[None, :] * s_ok, out,

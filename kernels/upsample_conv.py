@@ -127,7 +127,7 @@ def _phase_conv_fwd_kernel(
             w_tap = w_ptr + ((1 + a - 2 * t) * 3 + (1 + b - 2 * s)) * C * O
         off = row.to(tl.int64) * sxh + col.to(tl.int64) * sxw
         xa, wb = _load_tap(x_img, off, ok, k0, C, sxc, w_tap, O, 1, offs_n, n_ok, BLOCK_K)
-        acc = tl.dot(xa, wb, acc, input_precision=PRECISION)
+        acc = tl.dot(xa, wb, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)[None, :]
     out = acc.to(y_ptr.dtype.element_ty)
@@ -180,7 +180,7 @@ def _upsample_dx_kernel(
         ok = m_ok & (src_i >= 0) & (src_i < H) & (src_j >= 0) & (src_j < W)
         off = (2 * src_i + a).to(tl.int64) * sgh + (2 * src_j + b).to(tl.int64) * sgw
         ga, wb = _load_tap(g_img, off, ok, k0, O, sgc, w_ptr + tap * C * O, 1, O, offs_n, n_ok, BLOCK_K)
-        acc = tl.dot(ga, wb, acc, input_precision=PRECISION)
+        acc = tl.dot(ga, wb, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     interior = m_ok & (i > 0) & (i < H - 1) & (j > 0) & (j < W - 1)
     dx_ptrs = (dx_ptr + n.to(tl.int64) * sxn + (i.to(tl.int64) * sxh + j.to(tl.int64) * sxw)[:, None]
                + offs_n[None, :].to(tl.int64) * sxc)
@@ -244,7 +244,7 @@ def _upsample_dx_border_kernel(
         off = (2 * src_i + a).to(tl.int64) * sgh + (2 * src_j + b).to(tl.int64) * sgw
         tap = a * 8 + b * 4 + t * 2 + s
         ga, wb = _load_tap(g_img, off, ok, k0, O, sgc, w_ptr + tap * C * O, 1, O, offs_n, n_ok, BLOCK_K)
-        acc = tl.dot(ga, wb, acc, input_precision=PRECISION)
+        acc = tl.dot(ga, wb, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     dx_ptrs = (dx_ptr + n.to(tl.int64) * sxn + (i.to(tl.int64) * sxh + j.to(tl.int64) * sxw)[:, None]
                + offs_n[None, :].to(tl.int64) * sxc)
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -279,7 +279,7 @@ def _conv_transpose_dx_kernel(
         ok = m_ok & (row >= 0) & (col >= 0)
         off = row.to(tl.int64) * sgh + col.to(tl.int64) * sgw
         ga, wb = _load_tap(g_img, off, ok, k0, O, sgc, w_ptr + tap * C * O, 1, O, offs_n, n_ok, BLOCK_K)
-        acc = tl.dot(ga, wb, acc, input_precision=PRECISION)
+        acc = tl.dot(ga, wb, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     dx_ptrs = (dx_ptr + n.to(tl.int64) * sxn + (i.to(tl.int64) * sxh + j.to(tl.int64) * sxw)[:, None]
                + offs_n[None, :].to(tl.int64) * sxc)
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -344,7 +344,7 @@ def _phase_conv_dw_kernel(
         g_off = img * sgn + gr.to(tl.int64) * sgh + gc.to(tl.int64) * sgw
         gt = tl.load(g_ptr + g_off[:, None] + offs_o[None, :].to(tl.int64) * sgc,
                      mask=g_ok[:, None] & o_ok[None, :], other=0.0)
-        acc = tl.dot(xt, gt, acc, input_precision=PRECISION)
+        acc = tl.dot(xt, gt, acc, input_precision=PRECISION, out_dtype=acc.dtype)
         if do_db:
             db_acc += tl.sum(gt.to(acc.dtype), axis=0)
     base = (split * TAPS + tap).to(tl.int64)
