@@ -151,10 +151,14 @@ def test_bad_scale():
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
-def test_fused_network_keeps_the_input_layout(fmt):
+@pytest.mark.parametrize("make", [fastperc.TransformerNet, lambda fused: fastperc.SuperResolutionNet(4, fused=fused)],
+                         ids=["transformer", "superres"])
+def test_fused_network_keeps_the_input_layout(make, fmt):
+    """On the CPU the fused networks run in channels_last inside; the result comes back in the
+    input's layout and equals the plain network's."""
     torch.manual_seed(0)
-    plain = randomize_norms(fastperc.TransformerNet(fused=False)).eval()
-    fused = fastperc.TransformerNet(fused=True).eval()
+    plain = randomize_norms(make(fused=False)).eval()
+    fused = make(fused=True).eval()
     fused.load_state_dict(plain.state_dict())
     x = (torch.rand(2, 3, 20, 12) * 255).contiguous(memory_format=fmt)
     with torch.no_grad():

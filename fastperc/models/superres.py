@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastperc.models.transformer import ConvLayer, ConvTransposeLayer, ResidualBlock, _make_norm, normalize
+from fastperc.models.transformer import (ConvLayer, ConvTransposeLayer, ResidualBlock, _make_norm, normalize,
+                                         run_fused_layout)
 
 SCALES = (4, 8)
 
@@ -42,6 +43,9 @@ class SuperResolutionNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"x: expected images (N, 3, h, w), got shape {tuple(x.shape)}")
+        return run_fused_layout(self._forward, x, self.fused)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         y = normalize(self.in1, self.conv1(x), fused=self.fused, relu=True)
         y = self.res(y)
         for conv, norm in zip(self.up, self.up_norm):
