@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one command for the H200 test machine (../shared/GPU.md):
-#   benchmarks/gpu_suite.sh OUTPUT_DIR [all|tests|bench]
+#   [FASTPERC_TESTS="tests/..."] benchmarks/gpu_suite.sh OUTPUT_DIR [all|tests|bench]
 # installs fastperc (building the CUDA extension for sm_90; tqdm from benchmarks/wheels where
 # missing), runs the test suite on CUDA (scikit-image comparisons skip there: it is not installed),
 # then `fastperc bench` in full, and leaves the results JSON, the chart and the logs in
@@ -19,7 +19,11 @@ python3 -c "import tqdm" 2>/dev/null \
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$out/gpu.txt" 2>&1 || true
 status=0
 if [ "$phase" = all ] || [ "$phase" = tests ]; then
-  python3 -m pytest tests -q -p no:cacheprovider 2>&1 | tee "$out/tests.log" || status=1
+  # FASTPERC_TESTS narrows the run (e.g. "tests/test_gram.py tests/test_cuda_kernels.py") to fit
+  # one device call; the Triton kernels compile on first use, which is most of the time here.
+  # shellcheck disable=SC2086
+  python3 -m pytest ${FASTPERC_TESTS:-tests} -q -p no:cacheprovider --durations=15 2>&1 | tee "$out/tests.log" \
+    || status=1
 fi
 if [ "$phase" = all ] || [ "$phase" = bench ]; then
   stamp=$(date -u +%Y%m%dT%H%M%SZ)
