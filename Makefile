@@ -14,8 +14,11 @@ CUDA_HEADERS    := $(wildcard csrc/*.h csrc/*.cuh)
 CUDA_CHECK_OBJS := $(patsubst csrc/%,$(CUDA_CHECK_DIR)/%.o,$(CUDA_SOURCES))
 # Two compile jobs unless make was given its own -j (read when the recipe runs).
 CUDA_CHECK_JOBS  = $(if $(filter -j%,$(MAKEFLAGS)),,-j2)
+# make triton-check: compile every Triton kernel the launchers launch for sm_90 (the H200),
+# compile only, no GPU, with the launchers' GPU configs (tools/triton_aot_check.py); the
+# tests run the kernels in the interpreter, which compiles nothing. Uses Triton's cache.
 
-.PHONY: test demo bench clean cuda-check cuda-check-objects
+.PHONY: test demo bench clean cuda-check cuda-check-objects triton-check
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +27,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-test: $(STAMP) cuda-check
+test: $(STAMP) cuda-check triton-check
 	$(PY) -m pytest
 	$(PY) -m pytest benchmarks --benchmark-disable -q
 
@@ -44,6 +47,13 @@ cuda-check: $(STAMP)
 	fi
 
 cuda-check-objects: $(CUDA_CHECK_OBJS)
+
+triton-check: $(STAMP)
+	@if $(PY) -c "import triton" >/dev/null 2>&1; then \
+	  $(PY) tools/triton_aot_check.py; \
+	else \
+	  echo "triton-check: skipped, triton not installed (the Triton kernels were not compiled)"; \
+	fi
 
 $(CUDA_CHECK_DIR)/%.o: csrc/% $(CUDA_HEADERS) fastperc/_cuda_ext.py $(STAMP)
 	@mkdir -p $(@D)

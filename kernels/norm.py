@@ -367,6 +367,11 @@ def plan(B: int, C: int, S: int, channels_inner: bool, *, tile: int, sms: int):
     return block_c, block_s, c_blocks, chunk, splits, warps
 
 
+def _finalize_block(C: int) -> int:
+    """BLOCK_C of the finalize kernels (_stats_finalize, _bwd_finalize): all channels, up to 128."""
+    return min(_pow2(C), 128)
+
+
 @functools.lru_cache(maxsize=1024)
 def _plan(device: torch.device, B: int, C: int, S: int, channels_inner: bool):
     kind = "cuda" if device.type == "cuda" else "cpu"
@@ -403,7 +408,7 @@ def _forward(x, weight, bias, residual, eps, relu, per_sample, stats):
         mean = torch.empty((2, G, C), device=x.device, dtype=acc)
         rstd = torch.empty((G, C), device=x.device, dtype=acc)
         var = torch.empty((G, C), device=x.device, dtype=acc)
-        fin_c = min(_pow2(C), 128)
+        fin_c = _finalize_block(C)
         _stats_finalize[(G, cdiv(C, fin_c))](
             x, parts[0], parts[1], mean, rstd, var, C, S, xs[1], xs[0] if per_sample else 0,
             chunk, splits, splits * (N // G), G * C, eps, BLOCK_C=fin_c)
@@ -443,7 +448,7 @@ def _backward(dy, x, weight, bias, mean, stat, eps, relu, per_sample, centred, s
     rows = torch.empty((2, G, C), device=x.device, dtype=acc)
     dweight = torch.empty(C, device=x.device, dtype=acc)
     dbias = torch.empty(C, device=x.device, dtype=acc)
-    fin_c = min(_pow2(C), 128)
+    fin_c = _finalize_block(C)
     _bwd_finalize[(cdiv(C, fin_c),)](
         parts[0], parts[1], rows[0], rows[1], dweight, dbias, C, G, splits * (N // G), BLOCK_C=fin_c)
     s_blocks = cdiv(S, block_s)
