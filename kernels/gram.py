@@ -152,8 +152,9 @@ def _gram_backward_kernel(x_ptr, out_ptr, b_ptr, a_ptr, scale_ptr, m_scale_ptr, 
                           HAS_A: tl.constexpr, SCALE_M: tl.constexpr, ACC: tl.constexpr,
                           PRECISION: tl.constexpr):
     """Grid (cdiv(K, BLOCK_K), cdiv(C, BLOCK_M), N): out[n, i, k] = scale * sum_j M[i, j] psi[j, k],
-    M = B + B^T - 2 A (A contiguous (N, C, C), only when HAS_A). With SCALE_M, M is multiplied
-    by m_scale before it is rounded to x's dtype for the dot (scale carries the inverse)."""
+    M = B + B^T - 2 A (A contiguous (N, C, C), only when HAS_A). With SCALE_M, image n's M is
+    multiplied by the power of two m_scale[n] before it is rounded to x's dtype for the dot, and
+    the result divided by it (both exact)."""
     n = tl.program_id(2).to(tl.int64)
     offs_i = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     # 64-bit offsets: one image may span more than 2**31 elements.
@@ -164,6 +165,8 @@ def _gram_backward_kernel(x_ptr, out_ptr, b_ptr, a_ptr, scale_ptr, m_scale_ptr, 
     x_base = x_ptr + n * s_xn
     b_base = b_ptr + n * s_bn
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
+    if SCALE_M:
+        m_scale = tl.load(m_scale_ptr + n).to(ACC)
     for j0 in range(0, C, BLOCK_J):
         j = j0 + offs_j
         mask = i_ok[:, None] & (j[None, :] < C)
@@ -173,11 +176,13 @@ def _gram_backward_kernel(x_ptr, out_ptr, b_ptr, a_ptr, scale_ptr, m_scale_ptr, 
             a = tl.load(a_ptr + n * C * C + offs_i[:, None] * C + j[None, :], mask=mask, other=0.0)
             m -= 2.0 * a.to(ACC)
         if SCALE_M:
-            m *= tl.load(m_scale_ptr).to(ACC)
+            m *= m_scale
         psi = tl.load(x_base + j.to(tl.int64)[:, None] * s_xc + offs_k[None, :] * s_xk,
                       mask=(j[:, None] < C) & k_ok[None, :], other=0.0)
         acc = tl.dot(m.to(x_ptr.dtype.element_ty), psi, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     scale = tl.load(scale_ptr).to(ACC)
+    if SCALE_M:
+        scale /= m_scale
     out = (acc * scale).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + n * s_on + offs_i.to(tl.int64)[:, None] * s_oc + offs_k[None, :] * s_ok, out,
              mask=i_ok[:, None] & k_ok[None, :])
@@ -318,6 +323,22 @@ def style_loss_forward(x: torch.Tensor, target: torch.Tensor, *, num_splits: int
     return parts.sum() / x.shape[0], gram
 
 
+def scales_m(dtype: torch.dtype) -> bool:
+    """Whether the backward scales M into range before the dot: fp16 only (bf16 has fp32's range)."""
+    return dtype == torch.float16
+
+
+def m_range_scale(b: torch.Tensor, a: torch.Tensor | None) -> torch.Tensor:
+    """Per image n, the power of two 2^-e (e >= 0, the least such) that brings max|M[n]|,
+    M = B + B^T - 2A, to at most 2^14: M may leave the fp16 range (65504) where B and A do not.
+    1 where M fits already, so its rounding is unchanged; (N,) in float32, computed on the device."""
+    m = b.float() + b.transpose(1, 2).float()
+    if a is not None:
+        m -= 2 * a.float()
+    peak = m.abs().amax(dim=(1, 2))
+    return torch.exp2(-torch.ceil(torch.log2(peak / 2.0**14)).clamp_min(0))
+
+
 def _backward_launch(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor | None, scale: torch.Tensor,
                      block_m: int | None, block_j: int | None, block_k: int | None) -> torch.Tensor:
     n, c, h, w = x.shape
@@ -333,15 +354,8 @@ def _backward_launch(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor | None, s
     b = b.expand(n, c, c)  # a (C, C) target broadcasts with batch stride 0
     has_a = a is not None
     a = a.contiguous() if has_a else b  # b: an unused pointer
-    scale_m = x.dtype in (torch.float16, torch.bfloat16)
-    m_scale = scale
-    if scale_m:
-        # M = B + B^T - 2A can leave the fp16 range where B and A do not: the dot takes M / max|M|.
-        m = b.to(acc) + b.transpose(1, 2).to(acc)
-        if has_a:
-            m -= 2 * a.to(acc)
-        peak = m.abs().amax().clamp_min(torch.finfo(acc).tiny).reshape(1)
-        m_scale, scale = peak.reciprocal(), scale * peak
+    scale_m = scales_m(x.dtype)
+    m_scale = m_range_scale(b, a if has_a else None) if scale_m else scale  # (else: unused)
     _gram_backward_kernel[(cdiv(k, block_k), cdiv(c, block_m), n)](  # K blocks on axis 0: no 65,535 limit
         x, out, b, a, scale, m_scale, c, k, s_xn, s_xc, s_xk, s_on, s_oc, s_ok, *b.stride(),
         BLOCK_M=block_m, BLOCK_J=block_j, BLOCK_K=block_k, HAS_A=has_a, SCALE_M=scale_m,

@@ -5,8 +5,8 @@ that only the compiler sees (a tl.dot operand type, a layout, a shared-memory li
 for the GPU machine. This script compiles them ahead of time with ``triton.compile`` for
 ``GPUTarget("cuda", 90, 32)``: compile only, nothing runs, no CUDA torch needed.
 
-What is compiled: each kernel that a launcher launches, for fp32, bf16 and fp64 inputs (``--dtypes``
-adds fp16), with the block sizes, num_warps and shape-dependent flags that the launchers choose
+What is compiled: each kernel that a launcher launches, for fp32, bf16, fp16 and fp64 inputs
+(``--dtypes`` chooses), with the block sizes, num_warps and shape-dependent flags that the launchers choose
 on a GPU. Those come from the modules' own config functions, called with ``torch.device("cuda")``
 (and 132 SMs, the H200's, where a plan depends on the SM count) for a few representative shapes
 per op. The flags a call chooses (style loss or Gram, ReLU, residual, bias, reduction, tf32 ...)
@@ -135,7 +135,7 @@ def gram_variants(dt):
     for cfg, f in spread(bwd, dict(HAS_A=[False, True], PRECISION=precision)):
         b = a if f["HAS_A"] else d  # style loss: the target (and G); Gram: dG in x's dtype
         ptrs = dict(x_ptr=d, out_ptr=d, b_ptr=b, a_ptr=b, scale_ptr=a, m_scale_ptr=a)
-        scale_m = dt in (torch.float16, torch.bfloat16)  # as _backward_launch
+        scale_m = gram.scales_m(dt)
         yield make(gram._gram_backward_kernel, d, ptrs, cfg, f, dict(common, SCALE_M=scale_m))
 
 
