@@ -15,7 +15,8 @@ python3 -m pip install --no-deps --no-build-isolation -e . >"$out/install.log" 2
   || { tail -n 30 "$out/install.log"; exit 1; }
 # The machine lacks tqdm (the command's progress bars): a pure-Python wheel travels with the repo.
 python3 -c "import tqdm" 2>/dev/null \
-  || python3 -m pip install --no-deps --no-index benchmarks/wheels/tqdm-*.whl >>"$out/install.log" 2>&1
+  || python3 -m pip install --no-deps --no-index benchmarks/wheels/tqdm-*.whl >>"$out/install.log" 2>&1 \
+  || { tail -n 30 "$out/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$out/gpu.txt" 2>&1 || true
 status=0
 if [ "$phase" = all ] || [ "$phase" = tests ]; then

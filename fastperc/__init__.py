@@ -18,7 +18,7 @@ from fastperc.ops import (
 from fastperc import metrics
 from fastperc.losses import PerceptualLoss
 from fastperc.models import SuperResolutionNet, TransformerNet, VGG16Features
-from fastperc.degrade import degrade
+from fastperc.degradation import degrade
 
 __version__ = "0.1.0"
 

@@ -37,7 +37,7 @@ from fastperc.losses import PerceptualLoss
 from fastperc.models.superres import SuperResolutionNet
 from fastperc.ops import feature_loss, tv_loss
 from fastperc.optimize import vgg_weights_arg, resolve_device
-from fastperc.degrade import degrade
+from fastperc.degradation import degrade
 from fastperc.superres import MIN_LR_SIZE, SCALES, quantize
 from fastperc.train import (CHECKPOINT, LOG, MODEL, PLOT, StopSignals, _say, atomic_save, holds_run,
                             options_over_checkpoint, plot_loss,

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from fastperc.checkpoints import load_state_dict_file
 from fastperc.data import scan_images
-from fastperc.degrade import degrade
+from fastperc.degradation import degrade
 from fastperc.images import InputError, check_writable_dir, describe_error, is_video_file, load_image, save_image, to_tensor
 from fastperc.metrics import SSIM_WINDOW, psnr, ssim
 from fastperc.models.superres import SuperResolutionNet

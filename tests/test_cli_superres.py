@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fastperc.degrade import degrade
+from fastperc.degradation import degrade
 from fastperc.models.superres import SuperResolutionNet
 from fastperc.superres import match_histogram
 from helpers import skimage

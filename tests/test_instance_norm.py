@@ -153,6 +153,26 @@ def test_split_reductions_are_exercised_and_correct():
         _check(x, y, grads, ref, ref_grads, torch.float32)
 
 
+@pytest.mark.parametrize("per_sample", [True, False], ids=["instance", "batch"])
+def test_torch_channels_last_sum_of_squares_over_several_blocks(per_sample):
+    """The torch backend sums squares of channels_last data in blocks of 2^18 elements: with
+    4096 channels a block is 64 pixels, so 81 pixels per image take a full and a partial one."""
+    from fastperc.torch_backend.norm import _sum_of_squares
+
+    d = make_input((2, 4096, 9, 9), torch.float32, "cpu", "channels_last")
+    got = _sum_of_squares(d, per_sample)
+    dims = (2, 3) if per_sample else (0, 2, 3)
+    want = d.double().square().sum(dim=dims, keepdim=True)
+    assert got.shape == ((2, 4096, 1, 1) if per_sample else (1, 4096, 1, 1))
+    assert_close(got, want, torch.float32)
+
+
+def test_torch_channels_last_instance_norm_over_several_blocks():
+    x, y, grads, ref, ref_grads = _run("torch", (2, 4096, 9, 9), torch.float32, "cpu", "channels_last",
+                                       True, True, True)
+    _check(x, y, grads, ref, ref_grads, torch.float32)
+
+
 @pytest.mark.parametrize("shape,channels_last", [((4, 32, 256, 256), False), ((4, 32, 256, 256), True),
                                                  ((4, 64, 128, 128), False), ((4, 128, 64, 64), True),
                                                  ((1, 3, 2160, 3840), False), ((8, 7, 5, 3), False)])

@@ -160,9 +160,12 @@ def test_fused_network_keeps_the_input_layout(make, fmt):
     plain = randomize_norms(make(fused=False)).eval()
     fused = make(fused=True).eval()
     fused.load_state_dict(plain.state_dict())
+    seen = []
+    fused.conv1.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     x = (torch.rand(2, 3, 20, 12) * 255).contiguous(memory_format=fmt)
     with torch.no_grad():
         out = fused(x)
         expected = plain(x.contiguous())
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
     assert out.is_contiguous(memory_format=fmt)
     assert rel_err(out, expected) < 1e-4

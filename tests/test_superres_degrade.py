@@ -1,11 +1,11 @@
-"""fastperc.degrade.degrade: Gaussian blur (sigma 1) then bicubic downsampling."""
+"""fastperc.degradation.degrade (fastperc.degrade): Gaussian blur (sigma 1) then bicubic downsampling."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from fastperc.degrade import degrade, gaussian_blur
+from fastperc.degradation import degrade, gaussian_blur
 
 
 def gaussian_filter(plane, sigma, **kwargs):
