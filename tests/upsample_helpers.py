@@ -1,5 +1,5 @@
-"""Shared checks of the two upsampling convolutions (tests/test_upsample_conv2d.py and
-tests/test_conv_transpose2d.py run them, each for its op).
+"""Checks of the two upsampling convolutions, each written once for both ops
+(tests/test_upsampling_convs.py runs them for upsample_conv2d and conv_transpose2d).
 
 The oracle is each op's plain definition in torch.nn.functional, evaluated in float64 on the
 same (rounded) inputs, forward and backward by autograd.
