@@ -1,19 +1,51 @@
-"""nn.Module wrappers of the fused ops.
+"""nn.Module wrappers of the fused ops: the one layer of fused modules the networks are built from.
 
 Each module keeps the parameters, buffers and state-dict keys of the ``torch.nn`` module it
-replaces (it subclasses it), so checkpoints move between the two unchanged; only ``forward``
-runs the fused op. Modules are added here per op family.
+replaces (it subclasses it, or holds it under that module's key), so checkpoints move between
+the two unchanged. Each is :class:`Fusable`: its ``fused`` flag (True by default) chooses
+between the fused op and the plain torch composition it replaces, which computes the same
+function of the same weights (the composition is also what a standard-operator export needs);
+:func:`set_fused` flips the flag over a whole network.
 """
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastperc.ops import batch_norm, instance_norm
+from fastperc.ops import batch_norm, conv_transpose2d, instance_norm, upsample_conv2d
+
+
+class Fusable:
+    """A module whose ``forward`` runs the fused ops (``fused = True``) or their plain torch
+    composition (``fused = False``). Mixed into modules; :func:`set_fused` sets the flag."""
+
+    fused: bool = True
+
+
+def set_fused(module: nn.Module, fused: bool) -> nn.Module:
+    """Set ``fused`` on ``module`` and every :class:`Fusable` module inside it; returns ``module``.
+
+    ``set_fused(net, False)`` makes a network run the plain torch compositions (same weights,
+    same function), e.g. before an export to standard operators."""
+    if not isinstance(fused, bool):
+        raise TypeError(f"fused: expected a bool, got {type(fused).__name__}")
+    for m in module.modules():
+        if isinstance(m, Fusable):
+            m.fused = fused
+    return module
+
 
 # -- normalisation ---------------------------------------------------------------------------
 
 
-class InstanceNorm2d(nn.InstanceNorm2d):
+def _relu_then_add(y: Tensor, relu: bool, residual: Tensor | None) -> Tensor:
+    """The plain composition's tail: ReLU if ``relu``, then ``+ residual`` if given."""
+    if relu:
+        y = F.relu(y, inplace=True)
+    return y if residual is None else y + residual
+
+
+class InstanceNorm2d(Fusable, nn.InstanceNorm2d):
     """``nn.InstanceNorm2d`` (affine by default) with the fused ReLU and residual add.
 
     ``forward(x, residual=None)`` computes ``y = γ (x − μ)/√(σ² + ε) + β`` per (n, c) over
@@ -21,47 +53,52 @@ class InstanceNorm2d(nn.InstanceNorm2d):
     block: ``InstanceNorm2d(c)(conv2(h), residual=x)``). Parameters ``weight`` and ``bias``
     (absent with ``affine=False``) are those of ``nn.InstanceNorm2d(c, affine=True)``; running
     statistics are not tracked (``track_running_stats=False``, as in the style networks).
+    ``fused=False``: ``nn.InstanceNorm2d.forward``, ``F.relu`` and ``+``.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, *,
-                 relu: bool = False, device=None, dtype=None) -> None:
+                 relu: bool = False, fused: bool = True, device=None, dtype=None) -> None:
         super().__init__(num_features, eps=eps, affine=affine, track_running_stats=False,
                          device=device, dtype=dtype)
-        self.relu = relu
+        self.relu, self.fused = relu, fused
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        return instance_norm(x, self.weight, self.bias, self.eps, relu=self.relu, residual=residual)
+        if self.fused:
+            return instance_norm(x, self.weight, self.bias, self.eps, relu=self.relu, residual=residual)
+        return _relu_then_add(super().forward(x), self.relu, residual)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, relu={self.relu}"
+        return f"{super().extra_repr()}, relu={self.relu}, fused={self.fused}"
 
 
 class InstanceNormReLU(InstanceNorm2d):
     """``InstanceNorm2d(num_features, relu=True)``: instance norm followed by ReLU, fused."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, *,
-                 device=None, dtype=None) -> None:
-        super().__init__(num_features, eps=eps, affine=affine, relu=True, device=device, dtype=dtype)
+                 fused: bool = True, device=None, dtype=None) -> None:
+        super().__init__(num_features, eps=eps, affine=affine, relu=True, fused=fused, device=device, dtype=dtype)
 
 
-class BatchNorm2d(nn.BatchNorm2d):
+class BatchNorm2d(Fusable, nn.BatchNorm2d):
     """``nn.BatchNorm2d`` with the fused ReLU and residual add.
 
     Same parameters, buffers (``running_mean``, ``running_var``, ``num_batches_tracked``) and
     behaviour as ``nn.BatchNorm2d``: batch statistics in training mode (running statistics
     updated with ``momentum``, or as a cumulative average when ``momentum=None``), running
     statistics in eval mode. ``forward(x, residual=None)``: normalise, ReLU if ``relu``, then
-    ``+ residual``.
+    ``+ residual``. ``fused=False``: ``nn.BatchNorm2d.forward``, ``F.relu`` and ``+``.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *, relu: bool = False,
-                 device=None, dtype=None) -> None:
+                 fused: bool = True, device=None, dtype=None) -> None:
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats, device=device, dtype=dtype)
-        self.relu = relu
+        self.relu, self.fused = relu, fused
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if not self.fused:
+            return _relu_then_add(super().forward(x), self.relu, residual)
         # The bookkeeping of nn.BatchNorm2d.forward, verbatim in meaning.
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
@@ -78,7 +115,7 @@ class BatchNorm2d(nn.BatchNorm2d):
         )
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, relu={self.relu}"
+        return f"{super().extra_repr()}, relu={self.relu}, fused={self.fused}"
 
 
 class BatchNormReLU(BatchNorm2d):
@@ -87,45 +124,47 @@ class BatchNormReLU(BatchNorm2d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *,
-                 device=None, dtype=None) -> None:
+                 fused: bool = True, device=None, dtype=None) -> None:
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
-                         track_running_stats=track_running_stats, relu=True,
+                         track_running_stats=track_running_stats, relu=True, fused=fused,
                          device=device, dtype=dtype)
 
 
 # -- upsampling convolutions -----------------------------------------------------------------
 
-from fastperc.ops import conv_transpose2d, upsample_conv2d  # noqa: E402
 
-
-class UpsampleConv2d(nn.Module):
+class UpsampleConv2d(Fusable, nn.Module):
     """Nearest x2 upsampling, reflection padding 1 and a 3x3 convolution, fused
     (:func:`fastperc.upsample_conv2d`; the upsampled tensor is never built).
 
     pytorch/examples' ``UpsampleConvLayer(in_channels, out_channels, kernel_size=3, stride=1,
     upsample=2)``, with its parameters in a ``conv2d`` (``nn.Conv2d``) child, so its state dict
     (``conv2d.weight``, ``conv2d.bias``) loads unchanged. Only that configuration exists fused:
-    another ``kernel_size``, ``stride`` or ``upsample`` is a ``ValueError``.
+    another ``kernel_size``, ``stride`` or ``upsample`` is a ``ValueError``. ``fused=False``:
+    ``F.interpolate``, ``F.pad(mode="reflect")`` and the ``conv2d`` child, as pytorch/examples.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-                 upsample: int = 2, bias: bool = True, *, device=None, dtype=None) -> None:
+                 upsample: int = 2, bias: bool = True, *, fused: bool = True, device=None, dtype=None) -> None:
         super().__init__()
         for name, value, expected in (("kernel_size", kernel_size, 3), ("stride", stride, 1),
                                       ("upsample", upsample, 2)):
             if value not in (expected, (expected, expected)):
                 raise ValueError(f"{name}: expected {expected} (the fused nearest-x2 upsample + 3x3 conv), "
                                  f"got {value!r}")
+        self.fused = fused
         self.conv2d = nn.Conv2d(in_channels, out_channels, 3, 1, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return upsample_conv2d(x, self.conv2d.weight, self.conv2d.bias)
+        if self.fused:
+            return upsample_conv2d(x, self.conv2d.weight, self.conv2d.bias)
+        return self.conv2d(F.pad(F.interpolate(x, scale_factor=2, mode="nearest"), (1, 1, 1, 1), mode="reflect"))
 
     def extra_repr(self) -> str:
-        return "upsample=2 (nearest), reflection padding 1"
+        return f"upsample=2 (nearest), reflection padding 1, fused={self.fused}"
 
 
-class ConvTranspose2d(nn.ConvTranspose2d):
+class ConvTranspose2d(Fusable, nn.ConvTranspose2d):
     """``nn.ConvTranspose2d(in_channels, out_channels, 3, stride=2, padding=1,
     output_padding=1)``, the paper's fractionally strided convolution, run by the fused
     :func:`fastperc.conv_transpose2d` (four phase convolutions, no inserted zeros).
@@ -133,11 +172,12 @@ class ConvTranspose2d(nn.ConvTranspose2d):
     Same parameters (``weight`` (C_in, C_out, 3, 3), ``bias``) and state dict as
     ``nn.ConvTranspose2d``. Only that configuration exists fused: other hyperparameters are a
     ``ValueError``. ``forward(x, output_size=None)`` accepts only the size it produces, (2H, 2W).
+    ``fused=False``: ``nn.ConvTranspose2d.forward``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=2, padding=1,
                  output_padding=1, groups: int = 1, bias: bool = True, dilation=1,
-                 padding_mode: str = "zeros", device=None, dtype=None) -> None:
+                 padding_mode: str = "zeros", device=None, dtype=None, *, fused: bool = True) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding, groups,
                          bias, dilation, padding_mode, device=device, dtype=dtype)
         for name, value, expected in (("kernel_size", self.kernel_size, (3, 3)), ("stride", self.stride, (2, 2)),
@@ -147,6 +187,7 @@ class ConvTranspose2d(nn.ConvTranspose2d):
             if value != expected:
                 raise ValueError(f"{name}: expected {expected} (the fused 3x3 stride-2 transposed conv), "
                                  f"got {value!r}")
+        self.fused = fused
 
     def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
         if output_size is not None:
@@ -154,4 +195,9 @@ class ConvTranspose2d(nn.ConvTranspose2d):
             if list(output_size)[-2:] != expected:
                 raise ValueError(f"output_size: expected {expected} (stride 2, output_padding 1), "
                                  f"got {list(output_size)}")
-        return conv_transpose2d(input, self.weight, self.bias)
+        if self.fused:
+            return conv_transpose2d(input, self.weight, self.bias)
+        return super().forward(input)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fused={self.fused}"

@@ -10,18 +10,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastperc.models.transformer import (ConvLayer, ConvTransposeLayer, ResidualBlock, _make_norm, normalize,
-                                         run_fused_layout)
+from fastperc import nn as fnn
+from fastperc.models.layers import ConvLayer, ConvTransposeLayer, ResidualBlock, make_norm, run_fused_layout
 
 SCALES = (4, 8)
 
 
-class SuperResolutionNet(nn.Module):
+class SuperResolutionNet(fnn.Fusable, nn.Module):
     """x4 / x8 single-image super-resolution network with batch norm (or instance norm).
 
     Args:
         scale: 4 or 8.
-        fused: run the fused fastperc ops (True) or plain torch modules (False).
+        fused: run the fused fastperc ops (True) or plain torch modules (False); the flag of
+            every fastperc.nn module inside, which :func:`fastperc.nn.set_fused` changes later.
         norm: "batch" (the paper's) or "instance".
     """
 
@@ -29,16 +30,15 @@ class SuperResolutionNet(nn.Module):
         super().__init__()
         if isinstance(scale, bool) or scale not in SCALES:
             raise ValueError(f"scale: expected one of {list(SCALES)}, got {scale!r}")
-        if norm not in ("batch", "instance"):
-            raise ValueError(f"norm: expected 'batch' or 'instance', got {norm!r}")
-        self.scale, self.fused = scale, fused
+        self.scale = scale
         self.conv1 = ConvLayer(3, 64, 9, 1)
-        self.in1 = _make_norm(norm, 64)
-        self.res = nn.Sequential(*(ResidualBlock(64, norm, fused) for _ in range(4)))
+        self.in1 = make_norm(norm, 64, relu=True)
+        self.res = nn.Sequential(*(ResidualBlock(64, norm) for _ in range(4)))
         steps = scale.bit_length() - 1
-        self.up = nn.ModuleList(ConvTransposeLayer(64, 64, fused) for _ in range(steps))
-        self.up_norm = nn.ModuleList(_make_norm(norm, 64) for _ in range(steps))
+        self.up = nn.ModuleList(ConvTransposeLayer(64, 64) for _ in range(steps))
+        self.up_norm = nn.ModuleList(make_norm(norm, 64, relu=True) for _ in range(steps))
         self.conv_out = ConvLayer(64, 3, 9, 1)
+        fnn.set_fused(self, fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != 3:
@@ -46,8 +46,8 @@ class SuperResolutionNet(nn.Module):
         return run_fused_layout(self._forward, x, self.fused)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = normalize(self.in1, self.conv1(x), fused=self.fused, relu=True)
+        y = self.in1(self.conv1(x))
         y = self.res(y)
         for conv, norm in zip(self.up, self.up_norm):
-            y = normalize(norm, conv(y), fused=self.fused, relu=True)
+            y = norm(conv(y))
         return 127.5 * (torch.tanh(self.conv_out(y)) + 1.0)
