@@ -1,4 +1,5 @@
-"""fastperc.nn normalisation modules: the torch modules' state dicts and behaviour, fused."""
+"""fastperc.nn normalisation modules: the torch modules' state dicts and behaviour, fused
+(``fused=True``) and as the plain torch composition (``fused=False``)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -53,25 +54,27 @@ def test_batch_norm_checkpoints_move_both_ways(cls):
     _same_state_dict(back, theirs)
 
 
-def test_instance_norm_modules_match_torch():
+@pytest.mark.parametrize("fused", [True, False])
+def test_instance_norm_modules_match_torch(fused):
     x = make_input((2, C, 6, 5), layout="channels_last").requires_grad_(True)
     skip = make_input((2, C, 6, 5))
     theirs = _randomise(nn.InstanceNorm2d(C, affine=True))
-    for ours, fn in [(InstanceNormReLU(C), lambda y: F.relu(y)),
-                     (InstanceNorm2d(C), lambda y: y),
-                     (InstanceNorm2d(C, relu=True), lambda y: F.relu(y))]:
+    for ours, fn in [(InstanceNormReLU(C, fused=fused), lambda y: F.relu(y)),
+                     (InstanceNorm2d(C, fused=fused), lambda y: y),
+                     (InstanceNorm2d(C, relu=True, fused=fused), lambda y: F.relu(y))]:
         ours.load_state_dict(theirs.state_dict())
         y = ours(x)
         expected = fn(theirs(x))
         assert_close(y, expected.double(), torch.float32)
-        assert y.is_contiguous(memory_format=torch.channels_last)
+        if fused:  # the fused op keeps channels_last (F.instance_norm does not)
+            assert y.is_contiguous(memory_format=torch.channels_last)
         dy = make_input(y.shape, offset=0.5)  # not ones: Σ x̂ = 0 would make dγ vanish
         y.backward(dy)
         expected.backward(dy)
         assert_close(ours.weight.grad, theirs.weight.grad.double(), torch.float32)
         theirs.zero_grad()
     # The end of a residual block: in2(conv2(h)) + x, no ReLU after the add.
-    ours = InstanceNorm2d(C)
+    ours = InstanceNorm2d(C, fused=fused)
     ours.load_state_dict(theirs.state_dict())
     assert_close(ours(x, residual=skip), (theirs(x) + skip).double(), torch.float32)
 
@@ -83,10 +86,12 @@ def test_instance_norm_without_affine():
     assert_close(ours(x), F.instance_norm(x).double(), torch.float32)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("relu", [False, True])
-def test_batch_norm_modules_match_torch_over_train_and_eval(momentum, relu):
-    ours = BatchNormReLU(C, momentum=momentum) if relu else BatchNorm2d(C, momentum=momentum)
+def test_batch_norm_modules_match_torch_over_train_and_eval(momentum, relu, fused):
+    ours = (BatchNormReLU(C, momentum=momentum, fused=fused) if relu
+            else BatchNorm2d(C, momentum=momentum, fused=fused))
     theirs = _randomise(nn.BatchNorm2d(C, momentum=momentum))
     ours.load_state_dict(theirs.state_dict())
     post = F.relu if relu else (lambda y: y)
@@ -110,8 +115,9 @@ def test_batch_norm_modules_match_torch_over_train_and_eval(momentum, relu):
     assert torch.equal(ours.running_mean, before)
 
 
-def test_batch_norm_residual_and_untracked_statistics():
-    ours = BatchNorm2d(C, track_running_stats=False)
+@pytest.mark.parametrize("fused", [True, False])
+def test_batch_norm_residual_and_untracked_statistics(fused):
+    ours = BatchNorm2d(C, track_running_stats=False, fused=fused)
     theirs = nn.BatchNorm2d(C, track_running_stats=False)
     x, skip = make_input((2, C, 4, 4)), make_input((2, C, 4, 4))
     ours.eval()
@@ -119,9 +125,10 @@ def test_batch_norm_residual_and_untracked_statistics():
     assert_close(ours(x, residual=skip), (theirs(x) + skip).double(), torch.float32)
 
 
-def test_extra_repr_names_relu():
+def test_extra_repr_names_relu_and_fused():
     assert "relu=True" in repr(InstanceNormReLU(C)) and "relu=False" in repr(BatchNorm2d(C))
     assert "affine=True" in repr(InstanceNorm2d(C))
+    assert "fused=True" in repr(BatchNormReLU(C)) and "fused=False" in repr(InstanceNorm2d(C, fused=False))
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params(with_dtype=False))

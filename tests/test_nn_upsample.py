@@ -1,5 +1,6 @@
 """fastperc.nn.UpsampleConv2d and fastperc.nn.ConvTranspose2d: the modules they replace load
-into them unchanged and give the same outputs and gradients."""
+into them unchanged and give the same outputs and gradients, fused (``fused=True``) and as the
+plain torch composition (``fused=False``)."""
 import pytest
 import torch
 
@@ -14,11 +15,12 @@ def _grads(module, x, grad_out):
     return y, x.grad, {name: p.grad for name, p in module.named_parameters()}
 
 
+@pytest.mark.parametrize("fused_op", [True, False], ids=["fused", "plain"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_upsample_conv2d_loads_pytorch_examples_layer(layout):
+def test_upsample_conv2d_loads_pytorch_examples_layer(layout, fused_op):
     torch.manual_seed(0)
     examples = UpsampleConvLayer(5, 3, kernel_size=3, stride=1, upsample=2)
-    fused = UpsampleConv2d(5, 3)
+    fused = UpsampleConv2d(5, 3, fused=fused_op)
     assert set(fused.state_dict()) == set(examples.state_dict()) == {"conv2d.weight", "conv2d.bias"}
     fused.load_state_dict(examples.state_dict())
     x = make_input((2, 5, 3, 4), layout=layout)
@@ -41,17 +43,21 @@ def test_upsample_conv2d_without_bias_and_arguments():
         torch.nn.functional.pad(torch.nn.functional.interpolate(x, scale_factor=2), (1, 1, 1, 1), mode="reflect"),
         m.conv2d.weight)
     assert_close(m(x), ref, torch.float64)
+    m.fused = False
+    assert_close(m(x), ref, torch.float64)
+    assert "fused=False" in repr(m)
     for kwargs, name in (({"kernel_size": 5}, "kernel_size"), ({"stride": 2}, "stride"),
                          ({"upsample": 4}, "upsample")):
         with pytest.raises(ValueError, match=name):
             UpsampleConv2d(4, 2, **kwargs)
 
 
+@pytest.mark.parametrize("fused_op", [True, False], ids=["fused", "plain"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_conv_transpose2d_is_an_nn_conv_transpose2d(bias):
+def test_conv_transpose2d_is_an_nn_conv_transpose2d(bias, fused_op):
     torch.manual_seed(0)
     plain = torch.nn.ConvTranspose2d(5, 3, 3, stride=2, padding=1, output_padding=1, bias=bias)
-    fused = ConvTranspose2d(5, 3, bias=bias)
+    fused = ConvTranspose2d(5, 3, bias=bias, fused=fused_op)
     assert isinstance(fused, torch.nn.ConvTranspose2d)
     assert set(fused.state_dict()) == set(plain.state_dict())
     fused.load_state_dict(plain.state_dict())
