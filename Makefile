@@ -33,7 +33,7 @@ test: $(STAMP) cuda-check triton-check
 
 # The main job, small: generated data, a short CPU training run, a stylized sample -> demo_out/.
 demo: $(STAMP)
-	$(PY) -m fastperc.demo --out demo_out
+	$(PY) -m fastperc.commands.demo --out demo_out
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only

@@ -47,8 +47,8 @@ def _cuda_build() -> dict:
 
 
 setup(
-    packages=["fastperc", "fastperc.bench", "fastperc.models", "fastperc.ops", "fastperc.torch_backend",
-              "fastperc.kernels", "fastperc.csrc"],
+    packages=["fastperc", "fastperc.bench", "fastperc.commands", "fastperc.models", "fastperc.ops",
+              "fastperc.torch_backend", "fastperc.kernels", "fastperc.csrc"],
     package_dir={"fastperc": "fastperc", "fastperc.kernels": "kernels", "fastperc.csrc": "csrc"},
     package_data={"fastperc.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
     **_cuda_build(),

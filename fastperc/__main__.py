@@ -1,5 +1,5 @@
 """``python -m fastperc``: the ``fastperc`` command (works under torchrun: ``-m fastperc train``)."""
-from fastperc.cli import main
+from fastperc.commands.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,7 +1,7 @@
 """`make demo`: its run itself, with the defaults `make demo` uses, and its place in the Makefile
 and the README.
 
-The test calls the demo's entry point in-process (``fastperc.demo.main(["--out", ...])``, which is
+The test calls the demo's entry point in-process (``fastperc.commands.demo.main(["--out", ...])``, which is
 what ``make demo`` runs after the same $(STAMP) set-up as ``make test``) instead of ``make demo``
 itself, which would reinstall the environment whenever pyproject.toml is newer than the stamp.
 """
@@ -11,7 +11,7 @@ import re
 
 from PIL import Image
 
-from fastperc import demo
+from fastperc.commands import demo
 from fastperc.models.vgg import imagenet_weights_path
 from test_cli_support import ROOT, read_log
 
@@ -43,7 +43,7 @@ def test_make_demo_and_readme():
     makefile = (ROOT / "Makefile").read_text()
     rule = re.search(r"^demo: (.*)\n((?:\t.*\n)+)", makefile, re.M)
     assert rule and rule.group(1).strip() == "$(STAMP)"  # set up exactly as `make test` is
-    assert "-m fastperc.demo" in rule.group(2)
+    assert "-m fastperc.commands.demo" in rule.group(2)
     readme = (ROOT / "README.md").read_text()
     first_section = readme.split("\n## ")[0]
     assert "make demo" in first_section and "make test" in first_section

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from fastperc.superres import load_sr_model
+from fastperc.commands.upscale import load_sr_model
 from test_cli_support import assert_one_line_error, make_dataset, noise_image, run_main
 
 

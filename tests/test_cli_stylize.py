@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import fastperc.stylize
+import fastperc.commands.stylize
 from test_cli_support import (assert_one_line_error, load_examples_model, make_dataset, make_style, noise_image,
                               run_main, train_argv)
 
@@ -17,7 +17,7 @@ from test_cli_support import (assert_one_line_error, load_examples_model, make_d
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """model.pth of a 2-step training run."""
-    from fastperc.cli import main
+    from fastperc.commands.cli import main
 
     root = tmp_path_factory.mktemp("stylize-model")
     argv = train_argv(make_style(root / "style.png"), make_dataset(root / "data"), root / "run")
@@ -83,7 +83,7 @@ def test_video_without_the_extra(model, tmp_path, capsys, monkeypatch):
     clip = tmp_path / "clip.mp4"
     clip.write_bytes(b"\x00" * 64)
     real = importlib.util.find_spec
-    monkeypatch.setattr(fastperc.stylize.importlib.util, "find_spec",
+    monkeypatch.setattr(fastperc.commands.stylize.importlib.util, "find_spec",
                         lambda name, *a: None if name == "imageio_ffmpeg" else real(name, *a))
     code, _, err = run_main(["stylize", "--model", model, clip, "--out", tmp_path / "o.mp4", "--device", "cpu"],
                             capsys)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from fastperc.degradation import degrade
 from fastperc.models.superres import SuperResolutionNet
-from fastperc.superres import match_histogram
+from fastperc.commands.upscale import match_histogram
 from helpers import skimage
 from test_cli_support import assert_one_line_error, noise_image, run_main
 

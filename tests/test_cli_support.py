@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from examples_net import ExamplesTransformerNet  # the pytorch/examples network, written out
-from fastperc.cli import main
+from fastperc.commands.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

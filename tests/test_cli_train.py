@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from fastperc.checkpoints import load_checkpoint
-from fastperc.data import ResumableSampler
+from fastperc.commands.data import ResumableSampler
 from fastperc.models.transformer import TransformerNet
 from test_cli_support import (assert_one_line_error, last_line, load_examples_model, make_dataset, make_style,
                               read_log, run_main, train_argv)

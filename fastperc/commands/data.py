@@ -14,13 +14,13 @@ import signal
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from fastperc.images import InputError, check_image_header, is_image_file, load_image, resize_crop, to_tensor
+from fastperc.commands.images import InputError, check_image_header, is_image_file, load_image, resize_crop, to_tensor
 
 
 def scan_images(root: str | os.PathLike) -> tuple[list[str], list[str]]:
     """(readable image files under ``root``, one message per unreadable one).
 
-    Image files are recognised by extension (``fastperc.images.IMAGE_EXTENSIONS``); other files
+    Image files are recognised by extension (``fastperc.commands.images.IMAGE_EXTENSIONS``); other files
     are ignored. Each image's header is checked (cheaply, without decoding the pixels)."""
     root = os.fspath(root)
     if not os.path.isdir(root):

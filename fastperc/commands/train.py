@@ -37,10 +37,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from fastperc.checkpoints import load_checkpoint
-from fastperc.data import ImageFolder, ResumableSampler, collate, scan_images, worker_init
-from fastperc.images import IMAGE_EXTENSIONS, InputError, check_writable_dir, describe_error
+from fastperc.commands.data import ImageFolder, ResumableSampler, collate, scan_images, worker_init
+from fastperc.commands.images import IMAGE_EXTENSIONS, InputError, check_writable_dir, describe_error
 from fastperc.models.transformer import TransformerNet
-from fastperc.optimize import build_objective, load_style, resolve_device
+from fastperc.commands.optimize import build_objective, load_style, resolve_device
 
 CHECKPOINT, LOG, MODEL, PLOT = "checkpoint.pt", "log.jsonl", "model.pth", "loss.png"
 RUN_FILES = (CHECKPOINT, LOG, MODEL)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fastperc.images import (InputError, check_image_output, check_writable_dir, describe_error, load_image,
+from fastperc.commands.images import (InputError, check_image_output, check_writable_dir, describe_error, load_image,
                              resize_longer, save_image, to_tensor)
 from fastperc.losses import PerceptualLoss
 

@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fastperc.checkpoints import load_state_dict_file
-from fastperc.images import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, InputError, check_image_header,
+from fastperc.commands.images import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, InputError, check_image_header,
                              check_image_output, check_writable_dir, describe_error, is_image_file, is_video_file,
                              load_image, save_image, to_tensor, to_uint8)
 from fastperc.models.transformer import TransformerNet
-from fastperc.optimize import resolve_device
-from fastperc.train import AMP_DTYPES
+from fastperc.commands.optimize import resolve_device
+from fastperc.commands.train import AMP_DTYPES
 
 MIN_SIZE = 8  # smaller images do not survive the network's reflection padding
 

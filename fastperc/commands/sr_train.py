@@ -10,7 +10,7 @@ bicubic downsampling, 8-bit values) and minimises
 * ``--loss pixel`` (the paper's baseline): ``||y - y_hr||^2 / (CHW)`` (plus TV if asked),
 
 with Adam (lr 1e-3, batch 4). The run directory and its files are those of ``fastperc train``
-(the helpers of :mod:`fastperc.train` are reused): ``checkpoint.pt`` (atomic, SIGINT/SIGTERM
+(the helpers of :mod:`fastperc.commands.train` are reused): ``checkpoint.pt`` (atomic, SIGINT/SIGTERM
 save it, ``--resume`` continues with the same data order), ``log.jsonl``, ``loss.png`` and,
 at the end, ``model.pth`` (a SuperResolutionNet state dict for ``fastperc upscale`` and
 ``fastperc sr-eval``). Single process, fp32 (no torchrun, AMP or compile here).
@@ -31,15 +31,15 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from fastperc.data import ImageFolder, ResumableSampler, collate, scan_images, worker_init
-from fastperc.images import IMAGE_EXTENSIONS, InputError, check_writable_dir, describe_error
+from fastperc.commands.data import ImageFolder, ResumableSampler, collate, scan_images, worker_init
+from fastperc.commands.images import IMAGE_EXTENSIONS, InputError, check_writable_dir, describe_error
 from fastperc.losses import PerceptualLoss
 from fastperc.models.superres import SuperResolutionNet
 from fastperc.ops import feature_loss, tv_loss
-from fastperc.optimize import vgg_weights_arg, resolve_device
+from fastperc.commands.optimize import vgg_weights_arg, resolve_device
 from fastperc.degradation import degrade
-from fastperc.superres import MIN_LR_SIZE, SCALES, quantize
-from fastperc.train import (CHECKPOINT, LOG, MODEL, PLOT, StopSignals, _say, atomic_save, holds_run,
+from fastperc.commands.upscale import MIN_LR_SIZE, SCALES, quantize
+from fastperc.commands.train import (CHECKPOINT, LOG, MODEL, PLOT, StopSignals, _say, atomic_save, holds_run,
                             options_over_checkpoint, plot_loss,
                             remove_stale_temporaries, truncate_log)
 

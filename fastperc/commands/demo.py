@@ -1,4 +1,4 @@
-"""`make demo` (``python -m fastperc.demo``): the whole job, small, with nothing to download.
+"""`make demo` (``python -m fastperc.commands.demo``): the whole job, small, with nothing to download.
 
 It generates a small dataset of synthetic scenes and a synthetic style image, trains a style
 network on them for a few dozen steps (``fastperc train``'s code, with worker processes,
@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from fastperc.images import InputError, load_image, save_image, to_tensor
+from fastperc.commands.images import InputError, load_image, save_image, to_tensor
 from fastperc.models.vgg import IMAGENET_URL, imagenet_weights_path
-from fastperc.optimize import build_objective, evaluate, load_style
-from fastperc.stylize import Stylizer, load_model
-from fastperc.train import LOG, MODEL, PLOT, train
+from fastperc.commands.optimize import build_objective, evaluate, load_style
+from fastperc.commands.stylize import Stylizer, load_model
+from fastperc.commands.train import LOG, MODEL, PLOT, train
 
 DEFAULTS = {"steps": 30, "images": 16, "image_size": 64, "batch_size": 4, "lr": 5e-3, "seed": 0}
 
@@ -188,7 +188,7 @@ def _write_note(out: Path, r: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastperc.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fastperc.commands.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="training steps")
     p.add_argument("--images", type=int, default=DEFAULTS["images"], help="generated training images")

@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 
-from fastperc.images import InputError
+from fastperc.commands.images import InputError
 
 
 def _loss_options(p: argparse.ArgumentParser, defaults: bool = True) -> None:
@@ -178,21 +178,21 @@ def _loss_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from fastperc.train import FIELDS, train
+    from fastperc.commands.train import FIELDS, train
 
     options = {k: v for k, v in vars(args).items() if k in FIELDS}
     return train(options, resume=args.resume)
 
 
 def _stylize(args: argparse.Namespace) -> int:
-    from fastperc.stylize import stylize
+    from fastperc.commands.stylize import stylize
 
     return stylize(args.model, args.inputs, args.out, device=args.device, amp=args.amp,
                    batch_size=args.batch_size, scale=args.scale)
 
 
 def _optimize(args: argparse.Namespace) -> int:
-    from fastperc.optimize import optimize
+    from fastperc.commands.optimize import optimize
 
     record = optimize(args.content, args.style, args.out, iterations=args.iterations, json_path=args.json,
                       style_size=args.style_size, seed=args.seed, device=args.device, **_loss_kwargs(args))
@@ -202,7 +202,7 @@ def _optimize(args: argparse.Namespace) -> int:
 
 
 def _objective(args: argparse.Namespace) -> int:
-    from fastperc.optimize import objective
+    from fastperc.commands.optimize import objective
 
     values = objective(args.content, args.style, args.image, style_size=args.style_size, device=args.device,
                        **_loss_kwargs(args))
@@ -211,20 +211,20 @@ def _objective(args: argparse.Namespace) -> int:
 
 
 def _upscale(args: argparse.Namespace) -> int:
-    from fastperc.superres import upscale
+    from fastperc.commands.upscale import upscale
 
     return upscale(args.model, args.inputs, args.out, match_hist=args.match_histogram, device=args.device)
 
 
 def _sr_eval(args: argparse.Namespace) -> int:
-    from fastperc.superres import sr_eval
+    from fastperc.commands.upscale import sr_eval
 
     sr_eval(args.model, args.hr_dir, args.scale, out=args.out, device=args.device)
     return 0
 
 
 def _sr_train(args: argparse.Namespace) -> int:
-    from fastperc.sr_train import FIELDS, sr_train
+    from fastperc.commands.sr_train import FIELDS, sr_train
 
     return sr_train({k: v for k, v in vars(args).items() if k in FIELDS}, resume=args.resume)
 

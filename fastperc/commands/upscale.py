@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fastperc.checkpoints import load_state_dict_file
-from fastperc.data import scan_images
+from fastperc.commands.data import scan_images
 from fastperc.degradation import degrade
-from fastperc.images import InputError, check_writable_dir, describe_error, is_video_file, load_image, save_image, to_tensor
+from fastperc.commands.images import InputError, check_writable_dir, describe_error, is_video_file, load_image, save_image, to_tensor
 from fastperc.metrics import SSIM_WINDOW, psnr, ssim
 from fastperc.models.superres import SuperResolutionNet
-from fastperc.optimize import resolve_device
+from fastperc.commands.optimize import resolve_device
 
 SCALES = (4, 8)  # the factors of SuperResolutionNet
 MIN_LR_SIZE = 5  # smaller inputs do not survive the network's 9x9 reflection padding
@@ -75,7 +75,7 @@ def upscale(model: str, inputs: list[str], out: str, *, match_hist: bool = False
             progress: bool = True) -> int:
     """Run ``fastperc upscale``: every input image (files or folders) upscaled by the model's
     factor; with ``match_hist`` each output's colour histogram is matched to its input's."""
-    from fastperc.stylize import ReadImages, plan
+    from fastperc.commands.stylize import ReadImages, plan
 
     if not inputs:
         raise InputError("no INPUT given (image files or folders)")
