@@ -30,18 +30,15 @@ from typing import Iterator
 import torch
 
 from fastperc import _cuda_ext
+from fastperc.rules import INTERPRETED
 
 BACKENDS = ("reference", "torch", "triton", "cuda")
-
-
-def _interpreter_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 def _probe() -> tuple[str, ...]:
     found = ["reference", "torch"]
     has_cuda = torch.cuda.is_available()
-    if importlib.util.find_spec("triton") is not None and (has_cuda or _interpreter_requested()):
+    if importlib.util.find_spec("triton") is not None and (has_cuda or INTERPRETED):
         found.append("triton")
     if _CUDA_UNAVAILABLE is None:
         found.append("cuda")
@@ -53,7 +50,6 @@ _CUDA_UNAVAILABLE: str | None = _cuda_ext.unavailable_reason()
 
 
 _AVAILABLE: tuple[str, ...] = _probe()
-_TRITON_INTERPRETED: bool = _interpreter_requested()
 _ENV_BACKEND: str | None = os.environ.get("FASTPERC_BACKEND") or None
 _selected: str | None = None
 
@@ -117,7 +113,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
             if _ENV_BACKEND
             else default_backend(device)
         )
-    if name == "triton" and device.type != "cuda" and not _TRITON_INTERPRETED:
+    if name == "triton" and device.type != "cuda" and not INTERPRETED:
         raise ValueError(
             f"backend 'triton' runs on CUDA tensors, or on CPU tensors only when "
             f"TRITON_INTERPRET=1 is set before triton is imported; got a tensor on {device}"

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _loss_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from fastperc.rules import acc_dtype, running_stats, split_mean
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
@@ -25,7 +23,7 @@ def gram(x: torch.Tensor) -> torch.Tensor:
         G[n] = psi @ psi.T / (C * H * W)                       -> (N, C, C), x's dtype
     """
     n, c, h, w = x.shape
-    psi = x.reshape(n, c, h * w).to(_loss_dtype(x))
+    psi = x.reshape(n, c, h * w).to(acc_dtype(x.dtype))
     return (psi @ psi.transpose(1, 2) / (c * h * w)).to(x.dtype)
 
 
@@ -37,7 +35,7 @@ def style_loss(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     The Gram matrix is formed in the loss dtype (float32 for half inputs).
     """
     n, c, h, w = x.shape
-    acc = _loss_dtype(x)
+    acc = acc_dtype(x.dtype)
     psi = x.reshape(n, c, h * w).to(acc)
     g = psi @ psi.transpose(1, 2) / (c * h * w)
     return (g - target.to(acc)).pow(2).sum(dim=(1, 2)).mean()
@@ -50,7 +48,7 @@ def gram_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         d psi = (dG + dG.T) @ psi / (C * H * W)                   -> x's shape and dtype
     """
     n, c, h, w = x.shape
-    acc = _loss_dtype(x)
+    acc = acc_dtype(x.dtype)
     psi = x.reshape(n, c, h * w).to(acc)
     dg = grad.to(acc)
     dpsi = (dg + dg.transpose(1, 2)) @ psi / (c * h * w)
@@ -66,7 +64,7 @@ def style_loss_backward(grad: torch.Tensor, x: torch.Tensor, target: torch.Tenso
     batch when the target is broadcast.)
     """
     n, c, h, w = x.shape
-    acc = _loss_dtype(x)
+    acc = acc_dtype(x.dtype)
     psi = x.reshape(n, c, h * w).to(acc)
     g = psi @ psi.transpose(1, 2) / (c * h * w)
     t = target.to(acc)
@@ -82,14 +80,14 @@ def feature_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         loss = mean_n || a[n] - b[n] ||_2^2 / (C * H * W)          -> scalar
     """
     n, c, h, w = a.shape
-    acc = _loss_dtype(a)
+    acc = acc_dtype(a.dtype)
     d = a.to(acc) - b.to(acc)
     return (d.pow(2).sum(dim=(1, 2, 3)) / (c * h * w)).mean()
 
 
 def feature_loss_backward(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """d feature_loss / d a = 2 (a - b) * grad / (N C H W), in a's dtype (d / d b is its negative)."""
-    acc = _loss_dtype(a)
+    acc = acc_dtype(a.dtype)
     return (2 * (a.to(acc) - b.to(acc)) * grad.to(acc) / a.numel()).to(a.dtype)
 
 
@@ -100,7 +98,7 @@ def tv_loss(x: torch.Tensor, p: int = 2, reduction: str = "mean") -> torch.Tenso
         tv[n] = sum_{c,i,j} |x[n,c,i+1,j] - x[n,c,i,j]|^p + |x[n,c,i,j+1] - x[n,c,i,j]|^p
     reduction "none" -> tv (N,); "sum" -> sum_n tv[n]; "mean" -> mean_n tv[n].
     """
-    xa = x.to(_loss_dtype(x))
+    xa = x.to(acc_dtype(x.dtype))
     dh = xa[:, :, 1:, :] - xa[:, :, :-1, :]
     dw = xa[:, :, :, 1:] - xa[:, :, :, :-1]
     per_image = dh.abs().pow(p).sum(dim=(1, 2, 3)) + dw.abs().pow(p).sum(dim=(1, 2, 3))
@@ -120,7 +118,7 @@ def tv_loss_backward(grad: torch.Tensor, x: torch.Tensor, p: int, reduction: str
     where a difference that falls outside the image is 0, and g_n = grad[n] ("none"),
     grad ("sum") or grad / N ("mean").
     """
-    acc = _loss_dtype(x)
+    acc = acc_dtype(x.dtype)
     xa = x.to(acc)
     dh = xa[:, :, 1:, :] - xa[:, :, :-1, :]
     dw = xa[:, :, :, 1:] - xa[:, :, :, :-1]
@@ -164,12 +162,6 @@ def _as_channel(t: torch.Tensor | None, per_sample: bool) -> torch.Tensor | None
     return t.reshape(-1, t.shape[-1], 1, 1) if (per_sample and t.dim() == 2) else t.reshape(1, -1, 1, 1)
 
 
-def _split_mean(mu: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """float64 μ -> (2, ...) double-float in ``acc``: μ rounded, then the remainder."""
-    hi = mu.to(acc)
-    return torch.stack([hi, (mu - hi.double()).to(acc)])
-
-
 def _like(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``value`` in x's dtype, laid out as ``torch.empty_like(x)``."""
     return torch.empty_like(x).copy_(value)
@@ -185,10 +177,6 @@ def _affine(xhat, weight, bias, relu, residual, per_sample: bool = True):
     if residual is not None:
         y = y + residual.double()
     return z, y
-
-
-def _acc(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _stats(x: torch.Tensor, per_sample: bool):
@@ -238,7 +226,7 @@ def instance_norm_forward(x, weight, bias, residual, eps: float, relu: bool):
     rstd = 1 / torch.sqrt(var + eps)
     xhat = (x.double() - _as_channel(mu, True)) * _as_channel(rstd, True)
     _, y = _affine(xhat, weight, bias, relu, residual)
-    return _like(x, y), _split_mean(mu, _acc(x)), rstd.to(_acc(x))
+    return _like(x, y), split_mean(mu, acc_dtype(x.dtype)), rstd.to(acc_dtype(x.dtype))
 
 
 def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, training: bool,
@@ -247,11 +235,13 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, tra
     ``training`` (biased σ²), else the running ones. Running statistics are not touched."""
     if training:
         mu, var = _stats(x, False)
+        saved = split_mean(mu, acc_dtype(x.dtype)), var.to(acc_dtype(x.dtype))
     else:
-        mu, var = running_mean.double().reshape(1, -1), running_var.double().reshape(1, -1).clone()
+        mu, var = running_mean.double().reshape(1, -1), running_var.double().reshape(1, -1)
+        saved = running_stats(running_mean, running_var, x.dtype)
     xhat = (x.double() - _as_channel(mu, False)) / torch.sqrt(_as_channel(var, False) + eps)
     _, y = _affine(xhat, weight, bias, relu, residual, per_sample=False)
-    return _like(x, y), _split_mean(mu, _acc(x)), var.to(_acc(x))
+    return (_like(x, y), *saved)
 
 
 def _norm_backward(dy, x, weight, bias, mean, rstd, relu: bool, per_sample: bool, centred: bool):
@@ -278,7 +268,7 @@ def _norm_backward(dy, x, weight, bias, mean, rstd, relu: bool, per_sample: bool
         dx = gamma * r * (g - a / m - xhat * b / m)
     else:
         dx = gamma * r * g
-    acc = _acc(x)
+    acc = acc_dtype(x.dtype)
     return (_like(x, dx), (g * xhat).sum(dim=(0, 2, 3)).to(acc), g.sum(dim=(0, 2, 3)).to(acc))
 
 
@@ -314,7 +304,7 @@ def _upsampled_padded(x: torch.Tensor) -> torch.Tensor:
 def upsample_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.conv2d(F.pad(F.interpolate(x, scale_factor=2, mode="nearest"), (1, 1, 1, 1), mode="reflect"),
     weight, bias): (N, C_in, H, W) -> (N, C_out, 2H, 2W), x's dtype. Differentiable by autograd."""
-    acc = _loss_dtype(x)
+    acc = acc_dtype(x.dtype)
     b = None if bias is None else bias.to(acc)
     return torch.nn.functional.conv2d(_upsampled_padded(x.to(acc)), weight.to(acc), b).to(x.dtype)
 
@@ -322,7 +312,7 @@ def upsample_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.conv_transpose2d(x, weight, bias, stride=2, padding=1, output_padding=1):
     (N, C_in, H, W) -> (N, C_out, 2H, 2W), x's dtype. Differentiable by autograd."""
-    acc = _loss_dtype(x)
+    acc = acc_dtype(x.dtype)
     b = None if bias is None else bias.to(acc)
     y = torch.nn.functional.conv_transpose2d(x.to(acc), weight.to(acc), b, stride=2, padding=1, output_padding=1)
     return y.to(x.dtype)
@@ -352,7 +342,7 @@ def upsample_conv2d_backward(dy, x, weight, needs_x: bool, needs_weight: bool, n
         dw[o, c, k, l] = sum_{n, p, q} dy[n, o, p, q] P[n, c, p + k, q + l]
         db[o]         = sum_{n, p, q} dy[n, o, p, q]
     In x's (weight's) dtype; unneeded gradients are empty (0,) tensors."""
-    acc = _loss_dtype(x)
+    acc = acc_dtype(x.dtype)
     g, w = dy.to(acc), weight.to(acc)
     n, c, h, wd = x.shape
     dx = dw = db = None
@@ -380,7 +370,7 @@ def conv_transpose2d_backward(dy, x, weight, needs_x: bool, needs_weight: bool, 
                          dy0 = dy zero-padded by one row on top and one column on the left
         db[o]          = sum_{n, p, q} dy[n, o, p, q]
     In x's (weight's) dtype; unneeded gradients are empty (0,) tensors."""
-    acc = _loss_dtype(x)
+    acc = acc_dtype(x.dtype)
     g, w, xa = dy.to(acc), weight.to(acc), x.to(acc)
     n, c, h, wd = x.shape
     dx = dw = db = None

@@ -1,4 +1,4 @@
-"""Shared plumbing of the op layer: per-backend implementation tables and dtype rules.
+"""Shared plumbing of the op layer: per-backend implementation tables.
 
 Every fused op is a ``torch.library`` custom op whose last argument is the backend name
 (resolved by :func:`fastperc.backends.resolve_backend` in the public wrapper, before the op
@@ -8,13 +8,6 @@ from __future__ import annotations
 
 import importlib
 from typing import Callable
-
-import torch
-
-
-def loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Losses accumulate and return in float32 (float64 for float64 inputs)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def triton_kernel(module: str, name: str) -> Callable:

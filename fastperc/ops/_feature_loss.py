@@ -13,7 +13,8 @@ from torch import Tensor
 from fastperc import reference
 from fastperc._checks import check_image, check_same_device, check_same_shape
 from fastperc.backends import resolve_backend
-from fastperc.ops._dispatch import BackendTable, loss_dtype, triton_kernel
+from fastperc.ops._dispatch import BackendTable, triton_kernel
+from fastperc.rules import acc_dtype
 from fastperc.torch_backend import feature_loss as torch_impl
 
 _forward = BackendTable(
@@ -37,7 +38,7 @@ def feature_loss_op(a: Tensor, b: Tensor, backend: str) -> Tensor:
 
 @feature_loss_op.register_fake
 def _(a: Tensor, b: Tensor, backend: str) -> Tensor:
-    return a.new_empty((), dtype=loss_dtype(a.dtype))
+    return a.new_empty((), dtype=acc_dtype(a.dtype))
 
 
 @torch.library.custom_op("fastperc::feature_loss_backward", mutates_args=())

@@ -13,7 +13,7 @@ that the fused forward forms anyway. It is marked non-differentiable and saved f
 backward, which therefore never recomputes it (the x gradient reads it to form 2G - T - T^T,
 the target gradient is a C x C expression of it); the public wrapper returns the loss alone.
 The x gradients are laid out like x (channels_last in, channels_last out; see
-:func:`fastperc.torch_backend.gram.natural_format`).
+:func:`fastperc.rules.natural_format`).
 """
 from __future__ import annotations
 
@@ -23,13 +23,13 @@ from torch import Tensor
 from fastperc import reference
 from fastperc._checks import check_image, check_same_device, check_tensor
 from fastperc.backends import resolve_backend
-from fastperc.ops._dispatch import BackendTable, loss_dtype, triton_kernel
+from fastperc.ops._dispatch import BackendTable, triton_kernel
+from fastperc.rules import acc_dtype, natural_format
 from fastperc.torch_backend import gram as torch_impl
-from fastperc.torch_backend.gram import natural_format
 
 
 def _reference_style_loss(x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    return reference.style_loss(x, target), reference.gram(x.to(loss_dtype(x.dtype)))
+    return reference.style_loss(x, target), reference.gram(x.to(acc_dtype(x.dtype)))
 
 
 def _reference_style_loss_backward(grad: Tensor, x: Tensor, target: Tensor, gram: Tensor) -> Tensor:
@@ -116,7 +116,7 @@ def style_loss_op(x: Tensor, target: Tensor, backend: str) -> tuple[Tensor, Tens
 @style_loss_op.register_fake
 def _(x: Tensor, target: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     n, c = x.shape[:2]
-    dtype = loss_dtype(x.dtype)
+    dtype = acc_dtype(x.dtype)
     return x.new_empty((), dtype=dtype), x.new_empty((n, c, c), dtype=dtype)
 
 

@@ -35,7 +35,8 @@ from torch import Tensor
 from fastperc import cuda_backend, reference
 from fastperc._checks import check_image, check_positive_finite, check_same_device, check_same_shape, check_tensor
 from fastperc.backends import resolve_backend
-from fastperc.ops._dispatch import BackendTable, loss_dtype, triton_kernel
+from fastperc.ops._dispatch import BackendTable, triton_kernel
+from fastperc.rules import acc_dtype
 from fastperc.torch_backend import norm as torch_impl
 
 
@@ -57,12 +58,12 @@ _bn_backward = _table("batch_norm_backward")
 
 def _fake_outputs(x: Tensor, groups: int) -> tuple[Tensor, Tensor, Tensor]:
     c = x.shape[1]
-    acc = loss_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     return (torch.empty_like(x), x.new_empty((2, groups, c), dtype=acc), x.new_empty((groups, c), dtype=acc))
 
 
 def _fake_grads(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    acc = loss_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     return torch.empty_like(x), x.new_empty((x.shape[1],), dtype=acc), x.new_empty((x.shape[1],), dtype=acc)
 
 

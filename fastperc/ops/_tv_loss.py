@@ -17,7 +17,8 @@ from torch import Tensor
 from fastperc import cuda_backend, reference
 from fastperc._checks import check_choice, check_image
 from fastperc.backends import resolve_backend
-from fastperc.ops._dispatch import BackendTable, loss_dtype, triton_kernel
+from fastperc.ops._dispatch import BackendTable, triton_kernel
+from fastperc.rules import acc_dtype
 from fastperc.torch_backend import tv_loss as torch_impl
 
 REDUCTIONS = ("none", "sum", "mean")
@@ -46,7 +47,7 @@ def tv_loss_op(x: Tensor, p: int, reduction: str, backend: str) -> Tensor:
 @tv_loss_op.register_fake
 def _(x: Tensor, p: int, reduction: str, backend: str) -> Tensor:
     shape = (x.shape[0],) if reduction == "none" else ()
-    return x.new_empty(shape, dtype=loss_dtype(x.dtype))
+    return x.new_empty(shape, dtype=acc_dtype(x.dtype))
 
 
 @torch.library.custom_op("fastperc::tv_loss_backward", mutates_args=())

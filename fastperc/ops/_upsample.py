@@ -23,8 +23,8 @@ from fastperc import reference
 from fastperc._checks import check_image, check_same_device, check_tensor
 from fastperc.backends import resolve_backend
 from fastperc.ops._dispatch import BackendTable, triton_kernel
+from fastperc.rules import natural_format
 from fastperc.torch_backend import upsample as torch_impl
-from fastperc.torch_backend.gram import natural_format
 
 _TABLES = {
     name: (

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from fastperc.ops._dispatch import loss_dtype
+from fastperc.rules import acc_dtype
 
 
 def feature_loss_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum((a - b)^2) / a.numel(), the squared norm accumulated in the loss dtype."""
-    norm = torch.linalg.vector_norm(a - b, dtype=loss_dtype(a.dtype))
+    norm = torch.linalg.vector_norm(a - b, dtype=acc_dtype(a.dtype))
     return norm * norm / a.numel()
 
 

@@ -14,14 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from fastperc.ops._dispatch import loss_dtype
-
-
-def natural_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last for channels_last-dense x, else contiguous: the layout of d x."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+from fastperc.rules import acc_dtype, natural_format
 
 
 def _psi(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -45,7 +38,7 @@ def _apply(m: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Tensor:
     exceed the fp16 range where each of its terms does not."""
     n, c, h, w = x.shape
     psi, transposed = _psi(x)
-    acc = loss_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     psi, m = psi.to(acc), m.to(acc)
     a, b = (psi, m) if transposed else (m, psi)  # channels_last: (M psi)^T = psi_t M^T = psi_t M
     out = psi.new_empty(psi.shape).baddbmm_(a, b, beta=0, alpha=alpha).to(x.dtype)
@@ -61,7 +54,7 @@ def gram_forward(x: torch.Tensor) -> torch.Tensor:
 def gram_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """d psi = (dG + dG^T) psi / (CHW), in x's dtype and natural layout."""
     n, c, h, w = x.shape
-    g = grad.to(loss_dtype(x.dtype))
+    g = grad.to(acc_dtype(x.dtype))
     return _apply(g + g.transpose(1, 2), x, 1.0 / (c * h * w))
 
 
@@ -69,7 +62,7 @@ def style_loss_forward(x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Ten
     """(mean_n ||G[n] - T[n]||_F^2, G) with G (N, C, C) in the loss dtype."""
     n, c, h, w = x.shape
     psi, transposed = _psi(x)
-    gram = _gram(psi.to(loss_dtype(x.dtype)), transposed, c * h * w)
+    gram = _gram(psi.to(acc_dtype(x.dtype)), transposed, c * h * w)
     diff = gram - target.to(gram.dtype)
     return diff.pow(2).sum() / n, gram
 

@@ -26,8 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastperc.ops._dispatch import loss_dtype
-from fastperc.torch_backend.gram import natural_format
+from fastperc.rules import acc_dtype, natural_format, running_stats
 
 
 def _channel(t: Tensor | None, acc: torch.dtype, per_sample: bool) -> Tensor | None:
@@ -71,7 +70,7 @@ def _sum_of_squares(d: Tensor, per_sample: bool) -> Tensor:
 
 def _forward(x, weight, bias, residual, eps, relu, per_sample, stats=None):
     """-> (y, mean (2, G, C), var (G, C)); ``stats`` = (mean, var) given (eval batch norm)."""
-    acc = loss_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     g = x.shape[0] if per_sample else 1
     if stats is None:
         pivot = (x[:, :, :1, :1] if per_sample else x[:1, :, :1, :1]).to(acc)
@@ -139,11 +138,7 @@ def instance_norm_backward(dy, x, weight, bias, mean, rstd, relu: bool):
 
 def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, training: bool,
                        eps: float, relu: bool):
-    stats = None
-    if not training:
-        acc = loss_dtype(x.dtype)
-        rm = running_mean.to(acc).reshape(1, -1)
-        stats = (torch.stack([rm, torch.zeros_like(rm)]), running_var.to(acc).reshape(1, -1).clone())
+    stats = None if training else running_stats(running_mean, running_var, x.dtype)
     return _forward(x, weight, bias, residual, eps, relu, False, stats)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fastperc.ops._dispatch import loss_dtype
+from fastperc.rules import acc_dtype
 
 
 def _tv_sum(d: torch.Tensor, p: int, dims, acc: torch.dtype) -> torch.Tensor:
@@ -21,7 +21,7 @@ def _tv_sum(d: torch.Tensor, p: int, dims, acc: torch.dtype) -> torch.Tensor:
 
 def tv_loss_forward(x: torch.Tensor, p: int, reduction: str) -> torch.Tensor:
     """x: (N, C, H, W) -> tv per image (N,) for "none", else its sum or batch mean (0-d)."""
-    acc = loss_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     dh = x[:, :, 1:, :] - x[:, :, :-1, :]
     dw = x[:, :, :, 1:] - x[:, :, :, :-1]
     dims = (1, 2, 3) if reduction == "none" else None
@@ -33,7 +33,7 @@ def tv_loss_forward(x: torch.Tensor, p: int, reduction: str) -> torch.Tensor:
 
 def tv_loss_backward(grad: torch.Tensor, x: torch.Tensor, p: int, reduction: str) -> torch.Tensor:
     """d tv / d x in x's dtype and memory format (see ``reference.tv_loss_backward``)."""
-    acc = loss_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     # Per-image scale g_n (times 2 for p = 2) as an (N or 1, 1, 1, 1) tensor: a dimensioned
     # float32 operand makes the in-place updates of a half-precision dx compute in float32.
     scale = grad.to(acc).reshape(-1, 1, 1, 1)

@@ -1,5 +1,4 @@
-"""The upsampling convolutions in plain torch, and the phase decomposition they share with the
-Triton kernels.
+"""The upsampling convolutions in plain torch.
 
 upsample_conv2d: nearest x2, reflection pad 1, 3x3 conv. An output pixel (2i + a, 2j + b),
 a, b in {0, 1}, sees the upsampled rows 2i + a - 1, 2i + a, 2i + a + 1, which are the input rows
@@ -12,9 +11,10 @@ t, s in {0, 1}, with the summed ("phase") weights
                                                              A[1] = [[1, 1, 0], [0, 0, 1]]
 
 16 multiply-adds per input pixel and channel pair instead of the 36 of the 3x3 conv on the
-upsampled image, and the upsampled tensor never exists. The torch path runs all four phases as
-one 2x2 conv with 4 C_out output channels over xp ((H + 1) x (W + 1) outputs, phase (a, b)
-at offset (a, b)) and interleaves them into the output with one strided copy; its backward is
+upsampled image, and the upsampled tensor never exists (the phase weights are
+``fastperc.rules.upsample_phase_weights``, shared with the Triton kernels). The torch path runs
+all four phases as one 2x2 conv with 4 C_out output channels over xp ((H + 1) x (W + 1)
+outputs, phase (a, b) at offset (a, b)) and interleaves them into the output with one strided copy; its backward is
 one ``convolution_backward`` of that conv, then the adjoints of the padding and of the weight sum.
 On the CPU, half-precision inputs are computed in float32: measured over 10 times faster than
 fp16/bf16 convolutions on a CPU without native half arithmetic, and the border fold of the
@@ -34,37 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastperc.torch_backend.gram import natural_format
-
-# A[a, t, k]: does 3x3 kernel row k fall on tap t of output phase a (the same for columns).
-_PHASE_TAPS = ((
-    (1.0, 0.0, 0.0),
-    (0.0, 1.0, 1.0),
-), (
-    (1.0, 1.0, 0.0),
-    (0.0, 0.0, 1.0),
-))
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _taps(weight: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(_PHASE_TAPS, dtype=_acc(weight.dtype), device=weight.device)
-
-
-def upsample_phase_weights(weight: torch.Tensor) -> torch.Tensor:
-    """(C_out, C_in, 3, 3) -> the phase weights W[a, b, t, s, o, c], (2, 2, 2, 2, C_out, C_in),
-    summed in the accumulation dtype (float32, float64 for float64 weights)."""
-    a = _taps(weight)
-    return torch.einsum("atk,bsl,ockl->abtsoc", a, a, weight.to(a.dtype))
-
-
-def upsample_phase_weights_adjoint(grad: torch.Tensor) -> torch.Tensor:
-    """The adjoint of :func:`upsample_phase_weights`: dW[a, b, t, s, o, c] -> dw (C_out, C_in, 3, 3)."""
-    a = _taps(grad)
-    return torch.einsum("atk,bsl,abtsoc->ockl", a, a, grad.to(a.dtype))
+from fastperc.rules import acc_dtype, natural_format, upsample_phase_weights, upsample_phase_weights_adjoint
 
 
 def _phase_conv_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -116,7 +86,7 @@ def _fold_replicate_pad(g: torch.Tensor) -> torch.Tensor:
 
 
 def _bias_grad(dy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return dy.sum(dim=(0, 2, 3), dtype=_acc(dy.dtype)).to(dtype)
+    return dy.sum(dim=(0, 2, 3), dtype=acc_dtype(dy.dtype)).to(dtype)
 
 
 def upsample_conv2d_backward(dy, x, weight, needs_x: bool, needs_weight: bool, needs_bias: bool):
@@ -134,7 +104,7 @@ def upsample_conv2d_backward(dy, x, weight, needs_x: bool, needs_weight: bool, n
             [needs_x, needs_weight, False])
         if needs_x:
             # The border fold sums up to four values per pixel: in the accumulation dtype.
-            dx = _fold_replicate_pad(gxp.to(_acc(dtype))).to(x.dtype).contiguous(memory_format=fmt)
+            dx = _fold_replicate_pad(gxp.to(acc_dtype(dtype))).to(x.dtype).contiguous(memory_format=fmt)
         if needs_weight:
             dwp = gwp.view(o, 2, 2, c, 2, 2).permute(1, 2, 4, 5, 0, 3)
             dw = upsample_phase_weights_adjoint(dwp).to(weight.dtype)
