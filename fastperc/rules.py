@@ -80,9 +80,14 @@ def pow2_block(n: int, lo: int, hi: int) -> int:
 
 # -- device facts -------------------------------------------------------------------------------
 
-# Triton's CPU interpreter: TRITON_INTERPRET as triton itself reads it (1, true, yes, on, y;
-# any case), once, when this module is imported; triton reads it before it decorates a kernel.
-INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+def interpreter_requested(value: str | None) -> bool:
+    """Whether a TRITON_INTERPRET value asks for Triton's CPU interpreter, as triton itself
+    reads it: 1, true, yes, on or y, in any case."""
+    return (value or "").lower() in ("1", "true", "yes", "on", "y")
+
+
+# Read once, when fastperc is imported (triton reads it before it decorates a kernel).
+INTERPRETED: bool = interpreter_requested(os.environ.get("TRITON_INTERPRET"))
 
 # The streaming multiprocessors the interpreter pretends to have: it has none, and runs the
 # programs one after another, but the plans that size their splits from the SM count should

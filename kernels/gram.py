@@ -29,25 +29,32 @@ cores), kept in fp32 for fp32 x. d x is written in x's layout (channels_last in,
     bytes: N*C*K*itemsize read + N*C*K*itemsize written (+ the C x C matrices, from L2)
     FLOPs: 2*N*C*C*K
 
-tl.dot precision for fp32 inputs: "tf32" when torch.backends.cuda.matmul.allow_tf32 is set,
-else "ieee"; fp64 always "ieee".
+tl.dot precision for fp32 inputs: "tf32" where torch allows TF32 matmuls
+(``fastperc.rules.matmul_tf32``), else "ieee"; fp64 always "ieee".
+
+Deciding and doing are apart: ``plan_forward`` / ``plan_backward`` turn the shape, dtype and
+device facts into a frozen plan (blocks, warps, splits, grids, flags), ``launch_forward`` /
+``launch_backward`` run a plan; ``gram_forward`` and the other launchers do both.
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, cdiv, tl_dtype
+from fastperc.rules import (DeviceFacts, acc_dtype, cdiv, device_facts, dot_precision, hw_strides, pow2_block,
+                            tf32_allowed)
 
-# Programs to aim for when splitting K: about two waves of the GPU. The interpreter has no
-# SMs; pretending a few makes tall shapes split on the CPU too, so the tests exercise it.
-_WAVES = 2
-_INTERPRETER_SMS = 4
+from .common import launch, tl_dtype
+
+# Programs to aim for when splitting K: about two waves of the GPU (under the interpreter, of
+# the SMs it pretends to have, so that tall shapes split in the tests too).
+WAVES = 2
 # A split covers at least this many BLOCK_K chunks (less would be mostly workspace traffic).
-_MIN_CHUNKS_PER_SPLIT = 4
+MIN_CHUNKS_PER_SPLIT = 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,75 +196,111 @@ def _gram_backward_kernel(x_ptr, out_ptr, b_ptr, a_ptr, scale_ptr, m_scale_ptr, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Launch configuration
+# Plans
 # ----------------------------------------------------------------------------------------------
 
 
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+@dataclass(frozen=True)
+class ForwardPlan:
+    """The forward of one (N, C, H, W) shape: G in BLOCK_C x BLOCK_C tiles, K = H*W in splits."""
+
+    block_c: int
+    block_k: int
+    num_warps: int
+    tiles: int                          # tiles per side of G (N_TILES)
+    splits: int                         # programs per tile along K (1: one stage, no workspace)
+    k_per_split: int                    # K per split: whole BLOCK_K chunks
+    style: bool                         # style loss (else the Gram matrix)
+    precision: str                      # tl.dot input_precision
+    grid: tuple[int, int, int]          # _gram_tile_kernel: (tiles**2, splits, N)
+    reduce_grid: tuple[int, int] | None  # _gram_reduce_kernel: (tiles**2, N) when splits > 1
+    reduce_warps: int = 4
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+@dataclass(frozen=True)
+class BackwardPlan:
+    """The backward d psi = scale * M psi of one shape: BLOCK_M rows of M by BLOCK_K columns of psi."""
+
+    block_m: int
+    block_j: int
+    block_k: int
+    num_warps: int
+    has_a: bool                         # M = B + B^T - 2A (style loss) or B + B^T (Gram)
+    scale_m: bool                       # M scaled into range before the dot (fp16)
+    precision: str
+    grid: tuple[int, int, int]          # (cdiv(K, BLOCK_K), cdiv(C, BLOCK_M), N): no 65,535 limit on axis 0
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _INTERPRETER_SMS
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def _pow2_block(c: int, cap: int) -> int:
-    """The power of two covering c, between 16 (the smallest tl.dot) and cap."""
-    return max(16, min(cap, triton.next_power_of_2(c)))
-
-
-def _forward_config(c: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
+def _forward_blocks(c: int, dtype: torch.dtype, facts: DeviceFacts) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_K, num_warps) of the forward tiles."""
-    if device.type != "cuda":  # interpreter: C = 40 has 2 x 2 tiles; few, long programs
-        return _pow2_block(c, 32), 128, 4
+    if not facts.compiled:  # interpreter: C = 40 has 2 x 2 tiles; few, long programs
+        return pow2_block(c, 16, 32), 128, 4
     if dtype == torch.float64:
-        return _pow2_block(c, 32), 16, 4
+        return pow2_block(c, 16, 32), 16, 4
     if dtype == torch.float32:
-        return _pow2_block(c, 64), 32, 4
-    block_c = _pow2_block(c, 128)
+        return pow2_block(c, 16, 64), 32, 4
+    block_c = pow2_block(c, 16, 128)
     return block_c, 64, 8 if block_c == 128 else 4
 
 
-def _backward_config(c: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
+def _backward_blocks(c: int, dtype: torch.dtype, facts: DeviceFacts) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_J, BLOCK_K, num_warps) of the backward tiles."""
-    if device.type != "cuda":
-        return _pow2_block(c, 32), _pow2_block(c, 32), 256, 4
+    if not facts.compiled:
+        return pow2_block(c, 16, 32), pow2_block(c, 16, 32), 256, 4
     if dtype == torch.float64:
-        return _pow2_block(c, 32), _pow2_block(c, 32), 32, 4
+        return pow2_block(c, 16, 32), pow2_block(c, 16, 32), 32, 4
     if dtype == torch.float32:
-        return _pow2_block(c, 64), _pow2_block(c, 32), 64, 4
-    return _pow2_block(c, 64), _pow2_block(c, 64), 128, 8
+        return pow2_block(c, 16, 64), pow2_block(c, 16, 32), 64, 4
+    return pow2_block(c, 16, 64), pow2_block(c, 16, 64), 128, 8
 
 
-def _num_splits(tiles: int, k: int, block_k: int, device: torch.device) -> int:
-    """S such that tiles * S is about _WAVES waves, each split >= _MIN_CHUNKS_PER_SPLIT chunks."""
-    want = cdiv(_WAVES * _sm_count(device), tiles)
-    return max(1, min(want, cdiv(k, block_k) // _MIN_CHUNKS_PER_SPLIT))
+@functools.lru_cache(maxsize=1024)
+def plan_forward(shape: tuple[int, int, int, int], dtype: torch.dtype, facts: DeviceFacts, *,
+                 style: bool, tf32: bool, num_splits: int | None = None, block_c: int | None = None,
+                 block_k: int | None = None) -> ForwardPlan:
+    """The forward plan. ``num_splits`` forces the number of K splits (1: single stage),
+    ``block_c``/``block_k`` the tile sizes (powers of two >= 16); None picks them from the shape
+    and the device: S splits such that all tiles times S make about WAVES waves of programs,
+    each split at least MIN_CHUNKS_PER_SPLIT chunks of BLOCK_K."""
+    n, c, h, w = shape
+    k = h * w
+    cfg_c, cfg_k, num_warps = _forward_blocks(c, dtype, facts)
+    block_c, block_k = block_c or cfg_c, block_k or cfg_k
+    tiles = cdiv(c, block_c)
+    if num_splits is None:
+        want = cdiv(WAVES * facts.sms, n * tiles * (tiles + 1) // 2)
+        num_splits = max(1, min(want, cdiv(k, block_k) // MIN_CHUNKS_PER_SPLIT))
+    # Each split covers whole BLOCK_K chunks; drop splits that would be empty.
+    k_per_split = cdiv(cdiv(k, block_k), max(1, num_splits)) * block_k
+    splits = cdiv(k, k_per_split)
+    return ForwardPlan(
+        block_c=block_c, block_k=block_k, num_warps=num_warps, tiles=tiles, splits=splits,
+        k_per_split=k_per_split, style=style, precision=dot_precision(dtype, tf32),
+        grid=(tiles * tiles, splits, n), reduce_grid=(tiles * tiles, n) if splits > 1 else None)
+
+
+@functools.lru_cache(maxsize=1024)
+def plan_backward(shape: tuple[int, int, int, int], dtype: torch.dtype, facts: DeviceFacts, *,
+                  has_a: bool, tf32: bool, block_m: int | None = None, block_j: int | None = None,
+                  block_k: int | None = None) -> BackwardPlan:
+    """The backward plan; ``block_*`` force the tile sizes (powers of two >= 16)."""
+    n, c, h, w = shape
+    cfg_m, cfg_j, cfg_k, num_warps = _backward_blocks(c, dtype, facts)
+    block_m, block_j, block_k = block_m or cfg_m, block_j or cfg_j, block_k or cfg_k
+    return BackwardPlan(
+        block_m=block_m, block_j=block_j, block_k=block_k, num_warps=num_warps, has_a=has_a,
+        scale_m=scales_m(dtype), precision=dot_precision(dtype, tf32),
+        grid=(cdiv(h * w, block_k), cdiv(c, block_m), n))
 
 
 def _psi_strides(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
-    """(x, stride_n, stride_c, stride_k) with psi[n, c, k] at n*stride_n + c*stride_c + k*stride_k.
-
-    Needs (H, W) to flatten with one stride (NCHW-contiguous: stride_k = 1, channels_last:
-    stride_c = 1, stride_k = C, and many slices); x is made contiguous otherwise.
-    """
-    _, _, h, w = x.shape
-    s_n, s_c, s_h, s_w = x.stride()
-    if w == 1:
-        return x, s_n, s_c, s_h
-    if h == 1 or s_h == w * s_w:
-        return x, s_n, s_c, s_w
-    x = x.contiguous()
-    return x, x.stride(0), x.stride(1), 1
+    """(x, stride_n, stride_c, stride_k) with psi[n, c, k] at n*stride_n + c*stride_c + k*stride_k;
+    x is made contiguous where (H, W) do not flatten with one stride."""
+    strides = hw_strides(x)
+    if strides is None:
+        x = x.contiguous()
+        strides = hw_strides(x)
+    return (x, *strides)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,53 +308,43 @@ def _psi_strides(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _gram_launch(x: torch.Tensor, target: torch.Tensor | None, num_splits: int | None,
-                 block_c: int | None, block_k: int | None):
-    """Gram matrix (target None) or style loss forward. Returns (G, partials or None)."""
+def launch_forward(plan: ForwardPlan, x: torch.Tensor, target: torch.Tensor | None):
+    """Gram matrix (target None) or style loss forward of ``plan``. Returns (G, partials or None)."""
     n, c, h, w = x.shape
     k = h * w
     acc = acc_dtype(x.dtype)
-    cfg_c, cfg_k, num_warps = _forward_config(c, x.dtype, x.device)
-    block_c, block_k = block_c or cfg_c, block_k or cfg_k
-    tiles = cdiv(c, block_c)
-    if num_splits is None:
-        num_splits = _num_splits(n * tiles * (tiles + 1) // 2, k, block_k, x.device)
-    # Each split covers whole BLOCK_K chunks; drop splits that would be empty.
-    k_per_split = cdiv(cdiv(k, block_k), max(1, num_splits)) * block_k
-    splits = cdiv(k, k_per_split)
-
     x, s_xn, s_xc, s_xk = _psi_strides(x)
-    style = target is not None
+    style = plan.style
     gram = torch.empty((n, c, c), device=x.device, dtype=acc if style else x.dtype)
     if style:
-        parts = torch.zeros((n, tiles * tiles), device=x.device, dtype=acc)
+        parts = torch.zeros((n, plan.tiles * plan.tiles), device=x.device, dtype=acc)
         t = target.expand(n, c, c)  # a (C, C) target broadcasts with batch stride 0
         s_tn, s_tr, s_tc = t.stride()
     else:
         parts = t = gram  # unused pointers
         s_tn = s_tr = s_tc = 0
-    ws = torch.empty((n, splits, c, c), device=x.device, dtype=acc) if splits > 1 else gram
-    common = dict(BLOCK_C=block_c, N_TILES=tiles, STYLE=style, ACC=tl_dtype(acc))
-    _gram_tile_kernel[(tiles * tiles, splits, n)](
-        x, ws, gram, t, parts, c, k, c * k, k_per_split, s_xn, s_xc, s_xk, s_tn, s_tr, s_tc,
-        BLOCK_K=block_k, SPLIT=splits > 1, PRECISION=_precision(x.dtype), num_warps=num_warps,
-        **common,
-    )
-    if splits > 1:
-        _gram_reduce_kernel[(tiles * tiles, n)](
-            ws, gram, t, parts, c, splits, c * k, s_tn, s_tr, s_tc, num_warps=4, **common
-        )
+    split = plan.splits > 1
+    ws = torch.empty((n, plan.splits, c, c), device=x.device, dtype=acc) if split else gram
+    common = dict(BLOCK_C=plan.block_c, N_TILES=plan.tiles, STYLE=style, ACC=tl_dtype(acc))
+    launch(_gram_tile_kernel, plan.grid,
+           x, ws, gram, t, parts, c, k, c * k, plan.k_per_split, s_xn, s_xc, s_xk, s_tn, s_tr, s_tc,
+           BLOCK_K=plan.block_k, SPLIT=split, PRECISION=plan.precision, num_warps=plan.num_warps, **common)
+    if split:
+        launch(_gram_reduce_kernel, plan.reduce_grid,
+               ws, gram, t, parts, c, plan.splits, c * k, s_tn, s_tr, s_tc, num_warps=plan.reduce_warps, **common)
     return gram, (parts if style else None)
+
+
+def _forward_plan(x: torch.Tensor, style: bool, num_splits, block_c, block_k) -> ForwardPlan:
+    facts = device_facts(x.device)
+    return plan_forward(tuple(x.shape), x.dtype, facts, style=style, tf32=tf32_allowed(facts),
+                        num_splits=num_splits, block_c=block_c, block_k=block_k)
 
 
 def gram_forward(x: torch.Tensor, *, num_splits: int | None = None, block_c: int | None = None,
                  block_k: int | None = None) -> torch.Tensor:
-    """x (N, C, H, W) -> G (N, C, C) in x's dtype.
-
-    ``num_splits`` forces the number of K splits (1: single stage), ``block_c``/``block_k``
-    the tile sizes (powers of two >= 16); None picks them from the shape and the device.
-    """
-    return _gram_launch(x, None, num_splits, block_c, block_k)[0]
+    """x (N, C, H, W) -> G (N, C, C) in x's dtype (the overrides: see :func:`plan_forward`)."""
+    return launch_forward(_forward_plan(x, False, num_splits, block_c, block_k), x, None)[0]
 
 
 def style_loss_forward(x: torch.Tensor, target: torch.Tensor, *, num_splits: int | None = None,
@@ -319,7 +352,7 @@ def style_loss_forward(x: torch.Tensor, target: torch.Tensor, *, num_splits: int
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (N, C, H, W), target (C, C) or (N, C, C) -> (loss, G): the 0-d loss
     mean_n ||G[n] - T[n]||_F^2 and G (N, C, C), both in the accumulation dtype."""
-    gram, parts = _gram_launch(x, target, num_splits, block_c, block_k)
+    gram, parts = launch_forward(_forward_plan(x, True, num_splits, block_c, block_k), x, target)
     return parts.sum() / x.shape[0], gram
 
 
@@ -339,29 +372,31 @@ def m_range_scale(b: torch.Tensor, a: torch.Tensor | None) -> torch.Tensor:
     return torch.exp2(-torch.ceil(torch.log2(peak / 2.0**14)).clamp_min(0))
 
 
-def _backward_launch(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor | None, scale: torch.Tensor,
-                     block_m: int | None, block_j: int | None, block_k: int | None) -> torch.Tensor:
+def launch_backward(plan: BackwardPlan, x: torch.Tensor, b: torch.Tensor, a: torch.Tensor | None,
+                    scale: torch.Tensor) -> torch.Tensor:
+    """d x = scale * M psi of ``plan`` (A given exactly when ``plan.has_a``), in x's dtype and layout."""
     n, c, h, w = x.shape
     k = h * w
-    acc = acc_dtype(x.dtype)
-    cfg_m, cfg_j, cfg_k, num_warps = _backward_config(c, x.dtype, x.device)
-    block_m, block_j, block_k = block_m or cfg_m, block_j or cfg_j, block_k or cfg_k
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype,
                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     _, s_on, s_oc, s_ok = _psi_strides(out)
     x, s_xn, s_xc, s_xk = _psi_strides(x)
     b = b.expand(n, c, c)  # a (C, C) target broadcasts with batch stride 0
-    has_a = a is not None
-    a = a.contiguous() if has_a else b  # b: an unused pointer
-    scale_m = scales_m(x.dtype)
-    m_scale = m_range_scale(b, a if has_a else None) if scale_m else scale  # (else: unused)
-    _gram_backward_kernel[(cdiv(k, block_k), cdiv(c, block_m), n)](  # K blocks on axis 0: no 65,535 limit
-        x, out, b, a, scale, m_scale, c, k, s_xn, s_xc, s_xk, s_on, s_oc, s_ok, *b.stride(),
-        BLOCK_M=block_m, BLOCK_J=block_j, BLOCK_K=block_k, HAS_A=has_a, SCALE_M=scale_m,
-        ACC=tl_dtype(acc), PRECISION=_precision(x.dtype), num_warps=num_warps,
-    )
+    a = a.contiguous() if plan.has_a else b  # b: an unused pointer
+    m_scale = m_range_scale(b, a if plan.has_a else None) if plan.scale_m else scale  # (else: unused)
+    launch(_gram_backward_kernel, plan.grid,
+           x, out, b, a, scale, m_scale, c, k, s_xn, s_xc, s_xk, s_on, s_oc, s_ok, *b.stride(),
+           BLOCK_M=plan.block_m, BLOCK_J=plan.block_j, BLOCK_K=plan.block_k, HAS_A=plan.has_a,
+           SCALE_M=plan.scale_m, ACC=tl_dtype(acc_dtype(x.dtype)), PRECISION=plan.precision,
+           num_warps=plan.num_warps)
     return out
+
+
+def _backward_plan(x: torch.Tensor, has_a: bool, block_m, block_j, block_k) -> BackwardPlan:
+    facts = device_facts(x.device)
+    return plan_backward(tuple(x.shape), x.dtype, facts, has_a=has_a, tf32=tf32_allowed(facts),
+                         block_m=block_m, block_j=block_j, block_k=block_k)
 
 
 def gram_backward(grad: torch.Tensor, x: torch.Tensor, *, block_m: int | None = None,
@@ -369,7 +404,7 @@ def gram_backward(grad: torch.Tensor, x: torch.Tensor, *, block_m: int | None = 
     """grad = dL/dG (N, C, C) -> d x = (dG + dG^T) psi / (CHW), in x's dtype and layout."""
     n, c, h, w = x.shape
     scale = torch.full((1,), 1.0 / (c * h * w), device=x.device, dtype=acc_dtype(x.dtype))
-    return _backward_launch(x, grad, None, scale, block_m, block_j, block_k)
+    return launch_backward(_backward_plan(x, False, block_m, block_j, block_k), x, grad, None, scale)
 
 
 def style_loss_backward(grad: torch.Tensor, x: torch.Tensor, target: torch.Tensor, gram: torch.Tensor,
@@ -379,4 +414,4 @@ def style_loss_backward(grad: torch.Tensor, x: torch.Tensor, target: torch.Tenso
     d x = g * 2/(N CHW) * (2G - T - T^T) psi, in x's dtype and layout."""
     n, c, h, w = x.shape
     scale = (grad.to(acc_dtype(x.dtype)) * (-2.0 / (n * c * h * w))).reshape(1)
-    return _backward_launch(x, target, gram, scale, block_m, block_j, block_k)
+    return launch_backward(_backward_plan(x, True, block_m, block_j, block_k), x, target, gram, scale)

@@ -46,18 +46,22 @@ parameter gradients dγ = Σ B, dβ = Σ A, in a fixed order), ``_bwd_apply``
 from __future__ import annotations
 
 import functools
-import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, cdiv
+from fastperc.rules import (INTERPRETED, DeviceFacts, acc_dtype, cdiv, device_facts, hw_strides, next_pow2,
+                            running_stats, walkable)
 
-# Largest tile, in elements, on the GPU and in the CPU interpreter (smaller there, so that the
-# tests' small shapes still span several tiles and chunks).
-MAX_TILE = {"cuda": 4096, "cpu": 1024}
-# The reductions aim at this many programs per SM; the CPU interpreter counts as 2 SMs.
+from .common import launch
+
+# Largest tile, in elements, compiled for the GPU and under the interpreter (smaller there, so
+# that the tests' small shapes still span several tiles and chunks).
+MAX_TILE = 4096
+INTERPRETER_MAX_TILE = 1024
+# The reductions aim at this many programs per SM (of those the interpreter pretends to have).
 PROGRAMS_PER_SM = 4
 MAX_SPLITS = 1024
 
@@ -67,7 +71,7 @@ MAX_SPLITS = 1024
 # jitted helper re-patches triton.language (milliseconds a call, the bulk of the interpreted
 # kernels' time), so there they run as plain Python inside the interpreted kernel: the same
 # source, the same semantics. Triton itself reads TRITON_INTERPRET when a kernel is decorated.
-_device_fn = (lambda fn: fn) if os.environ.get("TRITON_INTERPRET", "0") == "1" else triton.jit
+_device_fn = (lambda fn: fn) if INTERPRETED else triton.jit
 
 
 @_device_fn
@@ -310,72 +314,65 @@ def _bwd_apply(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, stat_ptr, ra_ptr, 
 # -- launch planning -----------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2
+@dataclass(frozen=True)
+class Plan:
+    """How a (B, C, S) problem is tiled and split (see :func:`plan`)."""
 
-
-def _bcs_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
-    """(sb, sc, ss) when H and W can be walked as one axis of stride ss, else None."""
-    _, _, h, w = t.shape
-    sb, sc, sh, sw = t.stride()
-    if w == 1:
-        return sb, sc, sh
-    if h == 1 or sh == w * sw:
-        return sb, sc, sw
-    return None
-
-
-def _walkable(t: torch.Tensor, *, output: bool = False) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """``t`` (or, when its H and W cannot be walked with one stride, a contiguous copy of it, or
-    for an output a contiguous buffer to copy back from) and its (sb, sc, ss)."""
-    strides = _bcs_strides(t)
-    if strides is None:
-        t = torch.empty(t.shape, dtype=t.dtype, device=t.device) if output else t.contiguous()
-        strides = _bcs_strides(t)
-    return t, strides
-
-
-def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
-
-
-def plan(B: int, C: int, S: int, channels_inner: bool, *, tile: int, sms: int):
-    """Launch plan of a (B, C, S) problem: (BLOCK_C, BLOCK_S, c_blocks, CHUNK, splits, warps).
-
-    The tile (at most ``tile`` elements) is long along the contiguous axis: S for NCHW, C for
-    channels_last (``channels_inner``). S is split into ``splits`` chunks of CHUNK (a multiple
-    of BLOCK_S) so that the reductions run on about PROGRAMS_PER_SM programs per SM when the
-    (b, channel block) rows alone would be too few: at batch 4 the (4, 32, 256, 256) instance
-    norm has 128 rows of 65,536 elements.
-    """
-    if channels_inner:
-        block_c = min(_pow2(C), 64 if tile >= 4096 else 16)
-        block_s = min(_pow2(S), max(tile // block_c, 1))
-    else:
-        block_s = min(_pow2(S), tile)
-        block_c = min(_pow2(C), max(tile // block_s, 1))
-    c_blocks = cdiv(C, block_c)
-    s_tiles = cdiv(S, block_s)
-    want = cdiv(PROGRAMS_PER_SM * sms, B * c_blocks)
-    splits = max(1, min(s_tiles, want, MAX_SPLITS))
-    chunk = cdiv(s_tiles, splits) * block_s
-    splits = cdiv(S, chunk)
-    warps = 8 if block_c * block_s >= 4096 else 4
-    return block_c, block_s, c_blocks, chunk, splits, warps
-
-
-def _finalize_block(C: int) -> int:
-    """BLOCK_C of the finalize kernels (_stats_finalize, _bwd_finalize): all channels, up to 128."""
-    return min(_pow2(C), 128)
+    block_c: int
+    block_s: int
+    c_blocks: int                       # channel blocks of BLOCK_C
+    s_blocks: int                       # position blocks of BLOCK_S (the elementwise passes)
+    chunk: int                          # positions per split of a reduction, whole BLOCK_S tiles
+    splits: int                         # programs per (b, channel block) row of a reduction
+    num_warps: int
+    per_sample: bool                    # statistics per (b, c) (instance norm) or per c (batch norm)
+    groups: int                         # statistic rows G: B or 1
+    finalize_block: int                 # BLOCK_C of the finalize kernels: all channels, up to 128
+    partial_grid: tuple[int]            # _stats_partial, _bwd_partial
+    stats_finalize_grid: tuple[int, int]  # _stats_finalize: (G, channel blocks)
+    bwd_finalize_grid: tuple[int]       # _bwd_finalize: (channel blocks,)
+    apply_grid: tuple[int]              # _apply, _bwd_apply
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(device: torch.device, B: int, C: int, S: int, channels_inner: bool):
-    kind = "cuda" if device.type == "cuda" else "cpu"
-    return plan(B, C, S, channels_inner, tile=MAX_TILE[kind], sms=_sm_count(device))
+def plan(B: int, C: int, S: int, channels_inner: bool, facts: DeviceFacts, *, per_sample: bool) -> Plan:
+    """The launch plan of a (B, C, S) problem, statistics per (b, c) (``per_sample``) or per c.
+
+    The tile (at most MAX_TILE elements; INTERPRETER_MAX_TILE under the interpreter) is long
+    along the contiguous axis: S for NCHW, C for channels_last (``channels_inner``). S is split
+    into ``splits`` chunks of CHUNK (a multiple of BLOCK_S) so that the reductions run on about
+    PROGRAMS_PER_SM programs per SM when the (b, channel block) rows alone would be too few: at
+    batch 4 the (4, 32, 256, 256) instance norm has 128 rows of 65,536 elements.
+    """
+    tile = MAX_TILE if facts.compiled else INTERPRETER_MAX_TILE
+    if channels_inner:
+        block_c = min(next_pow2(C), 64 if tile >= 4096 else 16)
+        block_s = min(next_pow2(S), max(tile // block_c, 1))
+    else:
+        block_s = min(next_pow2(S), tile)
+        block_c = min(next_pow2(C), max(tile // block_s, 1))
+    c_blocks = cdiv(C, block_c)
+    s_tiles = cdiv(S, block_s)
+    want = cdiv(PROGRAMS_PER_SM * facts.sms, B * c_blocks)
+    splits = max(1, min(s_tiles, want, MAX_SPLITS))
+    chunk = cdiv(s_tiles, splits) * block_s
+    splits = cdiv(S, chunk)
+    fin = min(next_pow2(C), 128)
+    groups = B if per_sample else 1
+    return Plan(
+        block_c=block_c, block_s=block_s, c_blocks=c_blocks, s_blocks=s_tiles, chunk=chunk, splits=splits,
+        num_warps=8 if block_c * block_s >= 4096 else 4, per_sample=per_sample, groups=groups,
+        finalize_block=fin,
+        partial_grid=(B * c_blocks * splits,), stats_finalize_grid=(groups, cdiv(C, fin)),
+        bwd_finalize_grid=(cdiv(C, fin),), apply_grid=(B * c_blocks * s_tiles,))
+
+
+def plan_for(x: torch.Tensor, per_sample: bool) -> Plan:
+    """The plan for ``x`` on its device, as the launchers below choose it."""
+    N, C, H, W = x.shape
+    strides = hw_strides(x)
+    sc = strides[1] if strides is not None else H * W  # else walked as a contiguous copy
+    return plan(N, C, H * W, sc == 1 and C > 1, device_facts(x.device), per_sample=per_sample)
 
 
 # -- launchers -----------------------------------------------------------------------------
@@ -385,76 +382,76 @@ def _unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
 
-def _forward(x, weight, bias, residual, eps, relu, per_sample, stats):
-    """Shared forward. ``stats`` is None (compute batch statistics) or (mean, var) given."""
+def launch_forward(pl: Plan, x, weight, bias, residual, eps: float, relu: bool, stats):
+    """The forward of plan ``pl``. ``stats`` is None (compute the statistics) or the saved
+    (mean, var) to normalise with. -> (y, mean, rstd (per sample) or var (per channel))."""
     weight, bias = _unit_stride(weight), _unit_stride(bias)  # the kernels index them as w_ptr + c
     N, C, H, W = x.shape
     S = H * W
+    per_sample = pl.per_sample
     acc = acc_dtype(x.dtype)
     y = torch.empty_like(x)
-    x, xs = _walkable(x)
-    y_out, ys = _walkable(y, output=True)
+    x, xs = walkable(x)
+    y_out, ys = walkable(y, output=True)
     if residual is not None:
-        residual, rs = _walkable(residual)
+        residual, rs = walkable(residual)
     else:
         rs = xs
-    block_c, block_s, c_blocks, chunk, splits, warps = _plan(x.device, N, C, S, xs[1] == 1 and C > 1)
-    G = N if per_sample else 1
+    G = pl.groups
     if stats is None:
-        parts = torch.empty((2, N, splits, C), device=x.device, dtype=acc)
-        _stats_partial[(N * c_blocks * splits,)](
-            x, parts[0], parts[1], C, S, *xs, xs[0] if per_sample else 0, chunk, splits, c_blocks,
-            BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps)
+        parts = torch.empty((2, N, pl.splits, C), device=x.device, dtype=acc)
+        launch(_stats_partial, pl.partial_grid,
+               x, parts[0], parts[1], C, S, *xs, xs[0] if per_sample else 0, pl.chunk, pl.splits, pl.c_blocks,
+               BLOCK_C=pl.block_c, BLOCK_S=pl.block_s, num_warps=pl.num_warps)
         mean = torch.empty((2, G, C), device=x.device, dtype=acc)
         rstd = torch.empty((G, C), device=x.device, dtype=acc)
         var = torch.empty((G, C), device=x.device, dtype=acc)
-        fin_c = _finalize_block(C)
-        _stats_finalize[(G, cdiv(C, fin_c))](
-            x, parts[0], parts[1], mean, rstd, var, C, S, xs[1], xs[0] if per_sample else 0,
-            chunk, splits, splits * (N // G), G * C, eps, BLOCK_C=fin_c)
+        launch(_stats_finalize, pl.stats_finalize_grid,
+               x, parts[0], parts[1], mean, rstd, var, C, S, xs[1], xs[0] if per_sample else 0,
+               pl.chunk, pl.splits, pl.splits * (N // G), G * C, eps, BLOCK_C=pl.finalize_block)
         stat, stat_is_var = (rstd, False) if per_sample else (var, True)
     else:
         mean, var = stats
         stat, stat_is_var = var, True
-    s_blocks = cdiv(S, block_s)
-    _apply[(N * c_blocks * s_blocks,)](
-        x, y_out, residual, weight, bias, mean, stat, eps, C, S, c_blocks, s_blocks, *xs, *ys, *rs,
-        C if per_sample else 0, G * C,
-        HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=residual is not None, RELU=relu,
-        STAT_IS_VAR=stat_is_var, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps)
+    launch(_apply, pl.apply_grid,
+           x, y_out, residual, weight, bias, mean, stat, eps, C, S, pl.c_blocks, pl.s_blocks, *xs, *ys, *rs,
+           C if per_sample else 0, G * C,
+           HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=residual is not None, RELU=relu,
+           STAT_IS_VAR=stat_is_var, BLOCK_C=pl.block_c, BLOCK_S=pl.block_s, num_warps=pl.num_warps)
     if y_out is not y:
         y.copy_(y_out)
     return y, mean, (rstd if per_sample else var)
 
 
-def _backward(dy, x, weight, bias, mean, stat, eps, relu, per_sample, centred, stat_is_var):
+def launch_backward(pl: Plan, dy, x, weight, bias, mean, stat, eps: float, relu: bool, centred: bool,
+                    stat_is_var: bool):
+    """The backward of plan ``pl``: ``stat`` is rstd or (``stat_is_var``) the variance; ``centred``
+    where the statistics are those of x (not running ones). -> (dx, dweight (C,), dbias (C,))."""
     weight, bias = _unit_stride(weight), _unit_stride(bias)  # the kernels index them as w_ptr + c
     N, C, H, W = x.shape
     S = H * W
     acc = acc_dtype(x.dtype)
     dx = torch.empty_like(x)
-    x, xs = _walkable(x)
-    dy, ds = _walkable(dy)
-    dx_out, os_ = _walkable(dx, output=True)
-    block_c, block_s, c_blocks, chunk, splits, warps = _plan(x.device, N, C, S, xs[1] == 1 and C > 1)
-    G = N if per_sample else 1
-    stat_sb = C if per_sample else 0
+    x, xs = walkable(x)
+    dy, ds = walkable(dy)
+    dx_out, os_ = walkable(dx, output=True)
+    G = pl.groups
+    stat_sb = C if pl.per_sample else 0
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, RELU=relu, STAT_IS_VAR=stat_is_var,
-                 BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps)
-    parts = torch.empty((2, N, splits, C), device=x.device, dtype=acc)
-    _bwd_partial[(N * c_blocks * splits,)](
-        dy, x, weight, bias, mean, stat, parts[0], parts[1], eps, C, S, *ds, *xs, stat_sb, G * C,
-        chunk, splits, c_blocks, **flags)
+                 BLOCK_C=pl.block_c, BLOCK_S=pl.block_s, num_warps=pl.num_warps)
+    parts = torch.empty((2, N, pl.splits, C), device=x.device, dtype=acc)
+    launch(_bwd_partial, pl.partial_grid,
+           dy, x, weight, bias, mean, stat, parts[0], parts[1], eps, C, S, *ds, *xs, stat_sb, G * C,
+           pl.chunk, pl.splits, pl.c_blocks, **flags)
     rows = torch.empty((2, G, C), device=x.device, dtype=acc)
     dweight = torch.empty(C, device=x.device, dtype=acc)
     dbias = torch.empty(C, device=x.device, dtype=acc)
-    fin_c = _finalize_block(C)
-    _bwd_finalize[(cdiv(C, fin_c),)](
-        parts[0], parts[1], rows[0], rows[1], dweight, dbias, C, G, splits * (N // G), BLOCK_C=fin_c)
-    s_blocks = cdiv(S, block_s)
-    _bwd_apply[(N * c_blocks * s_blocks,)](
-        dy, x, dx_out, weight, bias, mean, stat, rows[0], rows[1], eps, S if per_sample else N * S, C, S, c_blocks, s_blocks,
-        *ds, *xs, *os_, stat_sb, G * C, CENTRED=centred, **flags)
+    launch(_bwd_finalize, pl.bwd_finalize_grid,
+           parts[0], parts[1], rows[0], rows[1], dweight, dbias, C, G, pl.splits * (N // G),
+           BLOCK_C=pl.finalize_block)
+    launch(_bwd_apply, pl.apply_grid,
+           dy, x, dx_out, weight, bias, mean, stat, rows[0], rows[1], eps, S if pl.per_sample else N * S, C, S,
+           pl.c_blocks, pl.s_blocks, *ds, *xs, *os_, stat_sb, G * C, CENTRED=centred, **flags)
     if dx_out is not dx:
         dx.copy_(dx_out)
     return dx, dweight, dbias
@@ -462,26 +459,22 @@ def _backward(dy, x, weight, bias, mean, stat, eps, relu, per_sample, centred, s
 
 def instance_norm_forward(x, weight, bias, residual, eps: float, relu: bool):
     """-> (y, mean (2, N, C), rstd (N, C)); see the module docstring."""
-    return _forward(x, weight, bias, residual, eps, relu, True, None)
+    return launch_forward(plan_for(x, True), x, weight, bias, residual, eps, relu, None)
 
 
 def instance_norm_backward(dy, x, weight, bias, mean, rstd, relu: bool):
     """-> (dx, dweight (C,), dbias (C,)), the parameter gradients in A."""
-    return _backward(dy, x, weight, bias, mean, rstd, 1.0, relu, True, True, False)
+    return launch_backward(plan_for(x, True), dy, x, weight, bias, mean, rstd, 1.0, relu, True, False)
 
 
 def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, training: bool,
                        eps: float, relu: bool):
     """-> (y, mean (2, 1, C), var (1, C)): batch statistics if ``training``, else the running ones
-    (which are read, never written)."""
-    stats = None
-    if not training:
-        acc = acc_dtype(x.dtype)
-        rm = running_mean.to(acc).reshape(1, -1)
-        stats = (torch.stack([rm, torch.zeros_like(rm)]), running_var.to(acc).reshape(1, -1).clone())
-    return _forward(x, weight, bias, residual, eps, relu, False, stats)
+    (which are read, never written; ``fastperc.rules.running_stats``)."""
+    stats = None if training else running_stats(running_mean, running_var, x.dtype)
+    return launch_forward(plan_for(x, False), x, weight, bias, residual, eps, relu, stats)
 
 
 def batch_norm_backward(dy, x, weight, bias, mean, var, training: bool, eps: float, relu: bool):
     """-> (dx, dweight (C,), dbias (C,)); rstd = 1/sqrt(var + eps) as in the forward."""
-    return _backward(dy, x, weight, bias, mean, var, eps, relu, False, training, True)
+    return launch_backward(plan_for(x, False), dy, x, weight, bias, mean, var, eps, relu, training, True)

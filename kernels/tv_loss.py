@@ -37,36 +37,38 @@ Bytes moved: read numel * itemsize, write numel * itemsize.
 """
 from __future__ import annotations
 
-import os
+import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, cdiv
+from fastperc.rules import DeviceFacts, acc_dtype, cdiv, device_facts, next_pow2
+
+from .common import launch
 
 REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
 MAX_TILE = 2048       # elements per tile (per loop iteration in the forward)
 MIN_TILE = 512
 ROW_BYTES = 1024      # cap of BLOCK_F * itemsize: 256 fp32 / 512 fp16 contiguous values per row
-MIN_PROGRAMS = 1024   # shrink tiles until this many programs (a 132-SM GPU wants >= 528)
+MIN_PROGRAMS = 1024   # compiled: shrink tiles until this many programs (a 132-SM GPU wants >= 528)
 MAX_PARTIALS = 4096   # forward: beyond this, programs loop over row blocks instead
-# The interpreter runs programs one after another (~30 ms each): no occupancy to win there,
-# so it keeps the largest tiles.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-_MIN_PROGRAMS_NOW = 1 if _INTERPRETED else MIN_PROGRAMS
 FINAL_BLOCK = 1024
+FINAL_WARPS = 4
 
 
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, (v - 1).bit_length())
+def _interleaved(c: int, strides: tuple[int, int, int, int]) -> bool:
+    """Channels interleaved in each row: C > 1, s_c < s_w and each row dense (s_w == C s_c)."""
+    _, s_c, _, s_w = strides
+    return c > 1 and s_c < s_w and s_w == c * s_c
 
 
 @dataclass(frozen=True)
-class _Plan:
-    """How an (N, C, H, W) tensor is walked as rows (see the module docstring)."""
+class Plan:
+    """How an (N, C, H, W) tensor is walked as rows (see the module docstring), and the grids."""
 
+    n: int
     rows: int        # rows per image
     height: int      # H: the image row index of tile row r is r % H
     row_len: int     # elements per row
@@ -77,55 +79,69 @@ class _Plan:
     n_col_blocks: int
     num_warps: int
     interleaved: bool  # channels_last rows (F = j * C + c)
+    wide: bool         # in-row offsets F * s_f may not fit in int32: 64-bit offsets
+    groups: int        # forward: programs per (image, column block) ...
+    iters: int         # ... each summing this many consecutive row blocks
+
+    @property
+    def forward_grid(self) -> tuple[int]:
+        return (self.n * self.groups * self.n_col_blocks,)
+
+    @property
+    def backward_grid(self) -> tuple[int]:
+        return (self.n * self.n_row_blocks * self.n_col_blocks,)
+
+    def finish_grid(self, reduction: str) -> tuple[int] | None:
+        """The grid of the forward's second stage; None for "none" with one partial per image
+        (the partials are then the result)."""
+        if reduction == "none":
+            return None if self.forward_grid[0] == self.n else (self.n,)
+        return (1,)
 
     def strides(self, t: torch.Tensor) -> tuple[int, int, int, int]:
         """(s_n, s_d, s_h, s_f): row r of image n starts at n s_n + (r // H) s_d + (r % H) s_h."""
         s_n, s_c, s_h, s_w = t.stride()
         return (s_n, 0, s_h, s_c) if self.interleaved else (s_n, s_c, s_h, s_w)
 
-    def wide(self, strides: tuple[int, ...]) -> bool:
-        """Whether the in-row offsets F * s_f may not fit in int32."""
-        return (self.n_col_blocks * self.block_f + self.step) * max(strides[3], 1) >= 2**31
 
-
-def _interleaved(t: torch.Tensor) -> bool:
-    """Channels interleaved in each row: C > 1, s_c < s_w and each row dense (s_w == C s_c)."""
-    c = t.shape[1]
-    _, s_c, _, s_w = t.stride()
-    return c > 1 and s_c < s_w and s_w == c * s_c
-
-
-def plan(shape: tuple[int, int, int, int], interleaved: bool, itemsize: int,
-         min_programs: int = MIN_PROGRAMS) -> _Plan:
-    """Tiles for ``shape``: up to MAX_TILE elements, halved (down to MIN_TILE) while there
-    would be fewer than ``min_programs`` tiles."""
+@functools.lru_cache(maxsize=1024)
+def plan(shape: tuple[int, int, int, int], strides: tuple[tuple[int, int, int, int], ...], itemsize: int,
+         facts: DeviceFacts, *, max_partials: int = MAX_PARTIALS) -> Plan:
+    """The plan for tensors of ``shape`` with the given ``strides`` walked together (x; x and
+    dx in the backward): rows interleave the channels when every one of them allows it. Tiles
+    of up to MAX_TILE elements, halved (down to MIN_TILE) while there would be fewer than
+    MIN_PROGRAMS tiles; the interpreter runs programs one after another (~30 ms each), with no
+    occupancy to win, so it keeps the largest tiles. The forward has at most ``max_partials``
+    programs: beyond that each loops over several row blocks."""
     n, c, h, w = shape
+    interleaved = all(_interleaved(c, s) for s in strides)
     if interleaved:
         rows, row_len, step = h, w * c, c
     else:
         rows, row_len, step = c * h, w, 1
-    block_f = max(4, min(_next_pow2(row_len), ROW_BYTES // itemsize))
+    block_f = max(4, min(next_pow2(row_len), ROW_BYTES // itemsize))
+    min_programs = MIN_PROGRAMS if facts.compiled else 1
     tile = MAX_TILE
     while tile > MIN_TILE and cdiv(n * rows * row_len, tile) < min_programs:
         tile //= 2
-    block_r = max(1, min(tile // block_f, _next_pow2(rows)))
-    return _Plan(
-        rows=rows, height=h, row_len=row_len, step=step, block_r=block_r, block_f=block_f,
-        n_row_blocks=cdiv(rows, block_r), n_col_blocks=cdiv(row_len, block_f),
-        num_warps=4 if block_r * block_f >= 1024 else 2, interleaved=interleaved,
+    block_r = max(1, min(tile // block_f, next_pow2(rows)))
+    n_row_blocks, n_col_blocks = cdiv(rows, block_r), cdiv(row_len, block_f)
+    unit = [s[1] if interleaved else s[3] for s in strides]  # s_f of each tensor
+    wide = any((n_col_blocks * block_f + step) * max(s_f, 1) >= 2**31 for s_f in unit)
+    groups = max(1, min(n_row_blocks, cdiv(max_partials, n * n_col_blocks)))
+    iters = cdiv(n_row_blocks, groups)
+    return Plan(
+        n=n, rows=rows, height=h, row_len=row_len, step=step, block_r=block_r, block_f=block_f,
+        n_row_blocks=n_row_blocks, n_col_blocks=n_col_blocks,
+        num_warps=4 if block_r * block_f >= 1024 else 2, interleaved=interleaved, wide=wide,
+        groups=cdiv(n_row_blocks, iters), iters=iters,
     )
 
 
-def forward_grid(pl: _Plan, n: int) -> tuple[int, int]:
-    """(programs, row blocks per program) of the forward."""
-    groups = max(1, min(pl.n_row_blocks, cdiv(MAX_PARTIALS, n * pl.n_col_blocks)))
-    iters = cdiv(pl.n_row_blocks, groups)
-    groups = cdiv(pl.n_row_blocks, iters)
-    return n * groups * pl.n_col_blocks, iters
-
-
-def backward_programs(pl: _Plan, n: int) -> int:
-    return n * pl.n_row_blocks * pl.n_col_blocks
+def plan_for(*tensors: torch.Tensor) -> Plan:
+    """The plan for ``tensors`` (x, or x and dx) on their device, as the launchers choose it."""
+    x = tensors[0]
+    return plan(tuple(x.shape), tuple(t.stride() for t in tensors), x.element_size(), device_facts(x.device))
 
 
 @triton.jit
@@ -253,46 +269,44 @@ def _tv_grad_kernel(
     tl.store(out_ptrs, (t * g).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _plan(x: torch.Tensor, interleaved: bool) -> _Plan:
-    return plan(tuple(x.shape), interleaved, x.element_size(), _MIN_PROGRAMS_NOW)
+def launch_forward(pl: Plan, x: torch.Tensor, p: int, reduction: str) -> torch.Tensor:
+    """The forward of plan ``pl`` (made for x's shape and strides)."""
+    n = x.shape[0]
+    strides = pl.strides(x)
+    acc = acc_dtype(x.dtype)
+    programs = pl.forward_grid[0]
+    partials = torch.empty(programs, device=x.device, dtype=acc)
+    launch(_tv_partial_kernel, pl.forward_grid,
+           x, partials, pl.rows, pl.height, pl.row_len, pl.step, *strides, pl.groups, pl.n_col_blocks, pl.iters,
+           P=p, WIDE=pl.wide, BLOCK_R=pl.block_r, BLOCK_F=pl.block_f, num_warps=pl.num_warps)
+    finish = pl.finish_grid(reduction)
+    if finish is None:  # one partial per image: those are the sums
+        return partials
+    code = REDUCTIONS[reduction]
+    out = torch.empty((n,) if code == 0 else (), device=x.device, dtype=acc)
+    launch(_tv_finish_kernel, finish,
+           partials, out, n, programs // n, REDUCTION=code, BLOCK=FINAL_BLOCK, num_warps=FINAL_WARPS)
+    return out
+
+
+def launch_backward(pl: Plan, grad: torch.Tensor, x: torch.Tensor, p: int, reduction: str) -> torch.Tensor:
+    """The backward of plan ``pl`` (made for the strides of x and of ``torch.empty_like(x)``)."""
+    out = torch.empty_like(x)
+    launch(_tv_grad_kernel, pl.backward_grid,
+           x, grad, out, x.shape[0], pl.rows, pl.height, pl.row_len, pl.step, *pl.strides(x), *pl.strides(out),
+           grad.stride(0) if grad.dim() == 1 else 0, pl.n_row_blocks, pl.n_col_blocks,
+           P=p, MEAN=reduction == "mean", ACC_FP64=x.dtype == torch.float64, WIDE=pl.wide,
+           BLOCK_R=pl.block_r, BLOCK_F=pl.block_f, num_warps=pl.num_warps)
+    return out
 
 
 def tv_loss_forward(x: torch.Tensor, p: int, reduction: str) -> torch.Tensor:
     """x: (N, C, H, W) -> tv per image (N,) for "none", else its sum or batch mean (0-d);
     float32 (float64 for float64 x)."""
-    pl = _plan(x, _interleaved(x))
-    n = x.shape[0]
-    programs, iters = forward_grid(pl, n)
-    strides = pl.strides(x)
-    acc = acc_dtype(x.dtype)
-    partials = torch.empty(programs, device=x.device, dtype=acc)
-    _tv_partial_kernel[(programs,)](
-        x, partials, pl.rows, pl.height, pl.row_len, pl.step, *strides,
-        programs // (n * pl.n_col_blocks), pl.n_col_blocks, iters,
-        P=p, WIDE=pl.wide(strides), BLOCK_R=pl.block_r, BLOCK_F=pl.block_f, num_warps=pl.num_warps,
-    )
-    code = REDUCTIONS[reduction]
-    if code == 0 and programs == n:  # one partial per image: those are the sums
-        return partials
-    out = torch.empty((n,) if code == 0 else (), device=x.device, dtype=acc)
-    _tv_finish_kernel[(n if code == 0 else 1,)](
-        partials, out, n, programs // n, REDUCTION=code, BLOCK=FINAL_BLOCK, num_warps=4,
-    )
-    return out
+    return launch_forward(plan_for(x), x, p, reduction)
 
 
 def tv_loss_backward(grad: torch.Tensor, x: torch.Tensor, p: int, reduction: str) -> torch.Tensor:
     """grad: (N,) for "none", else 0-d -> d tv / d x, laid out as ``torch.empty_like(x)``."""
-    out = torch.empty_like(x)
-    pl = _plan(x, _interleaved(x) and _interleaved(out))
-    n = x.shape[0]
-    strides, ostrides = pl.strides(x), pl.strides(out)
-    grid = (backward_programs(pl, n),)
-    _tv_grad_kernel[grid](
-        x, grad, out, n, pl.rows, pl.height, pl.row_len, pl.step, *strides, *ostrides,
-        grad.stride(0) if grad.dim() == 1 else 0, pl.n_row_blocks, pl.n_col_blocks,
-        P=p, MEAN=reduction == "mean", ACC_FP64=x.dtype == torch.float64,
-        WIDE=pl.wide(strides) or pl.wide(ostrides),
-        BLOCK_R=pl.block_r, BLOCK_F=pl.block_f, num_warps=pl.num_warps,
-    )
-    return out
+    dx_layout = torch.empty_like(x, device="meta")  # the strides of launch_backward's dx, no memory
+    return launch_backward(plan_for(x, dx_layout), grad, x, p, reduction)

@@ -6,10 +6,11 @@ low-resolution pixels (i, j) by BLOCK_N output channels, the K dimension running
 input channels of each tap (the tap's input pixels are gathered: no im2col buffer, no padded
 copy, no upsampled or zero-inserted tensor). Operands are read channels-last (NHWC), so a tile
 row is BLOCK_K contiguous channels; tl.dot runs on tensor cores for fp16/bf16 (and fp32 as tf32
-only when torch.backends.cuda.matmul.allow_tf32), accumulating in fp32 (fp64 for fp64).
+only where torch allows TF32 matmuls, ``fastperc.rules.matmul_tf32``), accumulating in fp32
+(fp64 for fp64).
 
 upsample_conv2d (MODE 0): nearest x2, reflection pad 1, 3x3 conv. Phase (a, b) is a 2x2 conv
-of x replicate-padded by 1 with the summed phase weights (fastperc.torch_backend.upsample):
+of x replicate-padded by 1 with the summed phase weights (``fastperc.rules.upsample_phase_weights``):
     y[n, o, 2i + a, 2j + b] = bias[o]
         + sum_{t, s in {0, 1}} sum_c x[n, c, clamp(i + a + t - 1), clamp(j + b + s - 1)] W[a, b, t, s, c, o]
 the clamp to [0, H - 1] being the replicate padding. 16 C O multiply-adds per input pixel.
@@ -39,17 +40,24 @@ The forward's epilogue adds the bias and can also emit, per (image, phase, pixel
 channel), the sum and the centred sum of squares of the tile's outputs (as stored, in the
 output dtype); ``*_forward_stats`` merges them (Chan et al.) into the per-(n, c) mean and
 biased variance that a following instance norm needs, without reading y again.
+
+Deciding and doing are apart: ``plan_forward`` / ``plan_backward`` give the blocks, warps,
+stages, grids and splits of every launch (``Gemm``) from the shape, dtype and device facts;
+``launch_forward`` / ``launch_backward`` run a plan.
 """
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from fastperc.torch_backend.gram import natural_format
-from fastperc.torch_backend.upsample import upsample_phase_weights, upsample_phase_weights_adjoint
+from fastperc.rules import (DeviceFacts, acc_dtype, cdiv, device_facts, dot_precision, natural_format, pow2_block,
+                            tf32_allowed, upsample_phase_weights, upsample_phase_weights_adjoint)
 
-from ._common import acc_dtype, cdiv
+from .common import launch
 
 UPSAMPLE, TRANSPOSE = 0, 1
 
@@ -354,42 +362,128 @@ def _phase_conv_dw_kernel(
         tl.store(db_ptr + base * O + offs_o, db_acc, mask=o_ok)
 
 
-# -- launchers ----------------------------------------------------------------------------------
-
-
-def _pow2_block(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
-
+# -- plans --------------------------------------------------------------------------------------
 
 # Under the interpreter every program and every tl op costs the same Python overhead whatever
-# its size, so blocks cover as much of a (small) problem as possible; tests lower this to 16
-# to run the multi-tile paths.
+# its size, so blocks cover as much of a (small) problem as possible, up to this (a plan may
+# be asked for less, to run the multi-tile paths on small shapes).
 INTERPRETER_MAX_BLOCK = 64
 
 
-def _config(t: torch.Tensor, m: int, n: int, k: int) -> dict:
-    """Block sizes for an (m x n, depth k) GEMM tile grid. tl.dot needs every block >= 16.
-    GPU: a fixed heuristic (tuning on the H200 is still to be done)."""
-    if t.device.type != "cuda":
-        top = INTERPRETER_MAX_BLOCK
-        return dict(BLOCK_M=_pow2_block(m, 16, top), BLOCK_N=_pow2_block(n, 16, top),
-                    BLOCK_K=_pow2_block(k, 16, top))
-    if t.dtype == torch.float64:
-        return dict(BLOCK_M=32, BLOCK_N=_pow2_block(n, 16, 32), BLOCK_K=16, num_warps=4, num_stages=2)
-    half = t.element_size() <= 2
-    block_n = _pow2_block(n, 16, 128)
+@dataclass(frozen=True)
+class Gemm:
+    """One implicit-GEMM launch: its blocks, warps and stages (None: Triton's default) and grid."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int | None
+    num_stages: int | None
+    grid: tuple[int, int, int]
+
+    def meta(self) -> dict:
+        """The launch's block constexprs and options."""
+        meta = dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k)
+        if self.num_warps is not None:
+            meta.update(num_warps=self.num_warps, num_stages=self.num_stages)
+        return meta
+
+
+def _blocks(m: int, n: int, k: int, dtype: torch.dtype, facts: DeviceFacts, top: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for an (m x n, depth k) GEMM tile grid.
+    tl.dot needs every block >= 16. GPU: a fixed heuristic (tuning on the H200 is still to be
+    done); interpreter: blocks up to ``top``, Triton's default warps and stages."""
+    if not facts.compiled:
+        return pow2_block(m, 16, top), pow2_block(n, 16, top), pow2_block(k, 16, top), None, None
+    if dtype == torch.float64:
+        return 32, pow2_block(n, 16, 32), 16, 4, 2
+    half = dtype.itemsize <= 2
+    block_n = pow2_block(n, 16, 128)
     block_m = 128 if m >= 128 else 64
-    block_k = _pow2_block(k, 16, 64 if half else 32)
+    block_k = pow2_block(k, 16, 64 if half else 32)
     # fp32 operands (mma.sync, not wgmma) hold more per thread: eight warps from 128 x 64 on.
     wide = block_m * block_n >= (128 * 128 if half else 128 * 64)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if wide else 4, num_stages=3)
+    return block_m, block_n, block_k, 8 if wide else 4, 3
 
 
-def _precision(t: torch.Tensor) -> str:
-    """fp32 operands use tf32 only where torch allows it for matmuls; otherwise exact fp32."""
-    if t.dtype == torch.float32 and t.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+def _gemm(m: int, n: int, k: int, dtype, facts, top: int, grid_of) -> Gemm:
+    bm, bn, bk, warps, stages = _blocks(m, n, k, dtype, facts, top)
+    return Gemm(bm, bn, bk, warps, stages, grid_of(bm, bn))
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    mode: int                           # UPSAMPLE or TRANSPOSE
+    precision: str                      # tl.dot input_precision
+    gemm: Gemm                          # _phase_conv_fwd_kernel: (pixel tiles, O tiles, N * 4 phases)
+    tiles_m: int                        # pixel tiles per phase (the statistics epilogue's partials)
+
+
+@dataclass(frozen=True)
+class BackwardPlan:
+    mode: int
+    precision: str
+    dx: Gemm | None                     # upsample: interior pixels (None when H or W <= 2); transpose: all
+    border: Gemm | None                 # upsample: the border pixels
+    num_border: int                     # ... of which there are this many per image
+    dw: Gemm                            # _phase_conv_dw_kernel: (C tiles, O tiles, taps * splits)
+    taps: int                           # 16 (phase, tap) pairs or 9 kernel taps
+    dw_splits: int                      # pixel splits of the weight gradient, summed in order
+    dw_pixels_per_split: int            # whole BLOCK_K chunks
+
+
+@functools.lru_cache(maxsize=1024)
+def plan_forward(mode: int, shape: tuple[int, int, int, int], o: int, dtype: torch.dtype, facts: DeviceFacts, *,
+                 tf32: bool, interpreter_block: int = INTERPRETER_MAX_BLOCK) -> ForwardPlan:
+    """The forward of x (N, C, H, W) -> (N, O, 2H, 2W): a (H W pixels x O, depth C) GEMM per phase."""
+    n, c, h, w = shape
+    gemm = _gemm(h * w, o, c, dtype, facts, interpreter_block, lambda bm, bn: (cdiv(h * w, bm), cdiv(o, bn), n * 4))
+    return ForwardPlan(mode, dot_precision(dtype, tf32), gemm, gemm.grid[0])
+
+
+@functools.lru_cache(maxsize=1024)
+def plan_backward(mode: int, shape: tuple[int, int, int, int], o: int, dtype: torch.dtype, facts: DeviceFacts, *,
+                  tf32: bool, interpreter_block: int = INTERPRETER_MAX_BLOCK) -> BackwardPlan:
+    """The backward: dx as (H W pixels x C, depth O) GEMMs (upsample: interior and border
+    pixels apart), dW as a (C x O, depth N H W) GEMM per tap, split over the pixels into about
+    two waves of programs, each at least 16 K steps deep (untuned); two splits under the
+    interpreter, so that the fixed-order sum of the partials is exercised."""
+    n, c, h, w = shape
+    top = interpreter_block
+    dx = _gemm(h * w, c, o, dtype, facts, top, lambda bm, bn: (cdiv(h * w, bm), cdiv(c, bn), n))
+    border = None
+    num_border = 0
+    if mode == UPSAMPLE:
+        num_border = h * w if h <= 2 or w <= 2 else 2 * (h + w) - 4
+        border = _gemm(num_border, c, o, dtype, facts, top, lambda bm, bn: (cdiv(num_border, bm), cdiv(c, bn), n))
+        if h <= 2 or w <= 2:
+            dx = None  # every pixel is a border pixel
+    taps = 16 if mode == UPSAMPLE else 9
+    pixels = n * h * w
+    bm, bn, bk, warps, stages = _blocks(c, o, pixels, dtype, facts, top)
+    if facts.compiled:
+        base = taps * cdiv(c, bm) * cdiv(o, bn)
+        splits = max(1, min(cdiv(2 * facts.sms, base), cdiv(pixels, 16 * bk)))
+    else:
+        splits = min(2, cdiv(pixels, bk))
+    per_split = cdiv(cdiv(pixels, splits), bk) * bk
+    splits = cdiv(pixels, per_split)
+    dw = Gemm(bm, bn, bk, warps, stages, (cdiv(c, bm), cdiv(o, bn), taps * splits))
+    return BackwardPlan(mode, dot_precision(dtype, tf32), dx, border, num_border, dw, taps, splits, per_split)
+
+
+def _out_channels(mode: int, weight: torch.Tensor) -> int:
+    return weight.shape[0] if mode == UPSAMPLE else weight.shape[1]
+
+
+def plans_for(mode: int, x: torch.Tensor, weight: torch.Tensor, backward: bool = False):
+    """The forward (or backward) plan for x and weight on their device, as the launchers choose it."""
+    facts = device_facts(x.device)
+    make = plan_backward if backward else plan_forward
+    return make(mode, tuple(x.shape), _out_channels(mode, weight), x.dtype, facts, tf32=tf32_allowed(facts))
+
+
+# -- launchers ----------------------------------------------------------------------------------
 
 
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
@@ -411,26 +505,32 @@ def _transpose_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return weight.permute(2, 3, 0, 1).to(dtype).contiguous()
 
 
-def _forward(mode: int, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, o: int,
-             stats: bool):
+def _packed(mode: int, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return _upsample_weight(weight, dtype) if mode == UPSAMPLE else _transpose_weight(weight, dtype)
+
+
+def launch_forward(pl: ForwardPlan, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   stats: bool = False):
+    """y of plan ``pl``; with ``stats``, (y, mean (N, O), biased variance (N, O)) of y over each
+    (n, o) plane, from the epilogue's per-tile partials, in the accumulation dtype."""
     n, c, h, w = x.shape
+    o = _out_channels(pl.mode, weight)
+    packed = _packed(pl.mode, weight, x.dtype)
     xin = _nhwc(x)
     y = torch.empty((n, o, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=natural_format(x))
-    cfg = _config(x, h * w, o, c)
-    tiles_m = cdiv(h * w, cfg["BLOCK_M"])
+    gemm, tiles_m = pl.gemm, pl.tiles_m
     acc = acc_dtype(x.dtype)
     partial = torch.empty((n, 4, tiles_m, 2, o) if stats else (1,), dtype=acc, device=x.device)
-    grid = (tiles_m, cdiv(o, cfg["BLOCK_N"]), n * 4)
-    _phase_conv_fwd_kernel[grid](
-        xin, packed, bias.contiguous() if bias is not None else packed, y, partial,
-        h, w, c, o, tiles_m, *_strides(xin), *_strides(y),
-        MODE=mode, HAS_BIAS=bias is not None, STATS=stats, ACC_FP64=acc == torch.float64,
-        PRECISION=_precision(x), **cfg)
+    launch(_phase_conv_fwd_kernel, gemm.grid,
+           xin, packed, bias.contiguous() if bias is not None else packed, y, partial,
+           h, w, c, o, tiles_m, *_strides(xin), *_strides(y),
+           MODE=pl.mode, HAS_BIAS=bias is not None, STATS=stats, ACC_FP64=acc == torch.float64,
+           PRECISION=pl.precision, **gemm.meta())
     if not stats:
         return y
     # Chan et al.: merge the per-tile (count, sum, centred sum of squares) per (n, o).
-    counts = torch.full((tiles_m,), cfg["BLOCK_M"], dtype=acc, device=x.device)
-    counts[-1] = h * w - (tiles_m - 1) * cfg["BLOCK_M"]
+    counts = torch.full((tiles_m,), gemm.block_m, dtype=acc, device=x.device)
+    counts[-1] = h * w - (tiles_m - 1) * gemm.block_m
     counts = counts.view(1, 1, tiles_m, 1)
     sums, m2 = partial[:, :, :, 0], partial[:, :, :, 1]
     total = 4 * h * w
@@ -440,65 +540,47 @@ def _forward(mode: int, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tenso
     return y, mean, var
 
 
-def _dx(mode: int, dy: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, o: int) -> torch.Tensor:
+def _dx(pl: BackwardPlan, dy: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, o: int) -> torch.Tensor:
     n, c, h, w = x.shape
     dx = torch.empty_like(x, memory_format=natural_format(x))
-    cfg = _config(x, h * w, c, o)
-    common = dict(ACC_FP64=acc_dtype(x.dtype) == torch.float64, PRECISION=_precision(x), **cfg)
+    common = dict(ACC_FP64=acc_dtype(x.dtype) == torch.float64, PRECISION=pl.precision)
+    args = (dy, packed, dx, h, w, c, o)
     strides = (*_strides(dy), *_strides(dx))
-    tiles_n = cdiv(c, cfg["BLOCK_N"])
-    if mode == TRANSPOSE:
-        _conv_transpose_dx_kernel[(cdiv(h * w, cfg["BLOCK_M"]), tiles_n, n)](
-            dy, packed, dx, h, w, c, o, *strides, **common)
+    if pl.mode == TRANSPOSE:
+        launch(_conv_transpose_dx_kernel, pl.dx.grid, *args, *strides, **common, **pl.dx.meta())
         return dx
-    if h > 2 and w > 2:
-        _upsample_dx_kernel[(cdiv(h * w, cfg["BLOCK_M"]), tiles_n, n)](
-            dy, packed, dx, h, w, c, o, *strides, **common)
-    border = h * w if h <= 2 or w <= 2 else 2 * (h + w) - 4
-    border_cfg = dict(common, **_config(x, border, c, o))
-    _upsample_dx_border_kernel[(cdiv(border, border_cfg["BLOCK_M"]), cdiv(c, border_cfg["BLOCK_N"]), n)](
-        dy, packed, dx, h, w, c, o, border, *strides, **border_cfg)
+    if pl.dx is not None:
+        launch(_upsample_dx_kernel, pl.dx.grid, *args, *strides, **common, **pl.dx.meta())
+    launch(_upsample_dx_border_kernel, pl.border.grid, *args, pl.num_border, *strides, **common, **pl.border.meta())
     return dx
 
 
-def _dw(mode: int, dy: torch.Tensor, x: torch.Tensor, o: int, needs_bias: bool):
+def _dw(pl: BackwardPlan, dy: torch.Tensor, x: torch.Tensor, o: int, needs_bias: bool):
     """-> (dW (TAPS, C, O) in the accumulation dtype, db (O,) or None)."""
     n, c, h, w = x.shape
-    taps = 16 if mode == UPSAMPLE else 9
     xin = _nhwc(x)
-    pixels = n * h * w
-    cfg = _config(x, c, o, pixels)
-    base = taps * cdiv(c, cfg["BLOCK_M"]) * cdiv(o, cfg["BLOCK_N"])
-    if x.device.type == "cuda":
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        # About two waves of programs, each at least 16 K steps deep (untuned).
-        splits = max(1, min(cdiv(2 * sms, base), cdiv(pixels, 16 * cfg["BLOCK_K"])))
-    else:
-        splits = min(2, cdiv(pixels, cfg["BLOCK_K"]))
-    per_split = cdiv(cdiv(pixels, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    splits = cdiv(pixels, per_split)
     acc = acc_dtype(x.dtype)
-    dw = torch.empty((splits, taps, c, o), dtype=acc, device=x.device)
-    db = torch.zeros((splits, taps, o) if needs_bias else (1,), dtype=acc, device=x.device)
-    grid = (cdiv(c, cfg["BLOCK_M"]), cdiv(o, cfg["BLOCK_N"]), taps * splits)
-    _phase_conv_dw_kernel[grid](
-        xin, dy, dw, db, n, h, w, c, o, splits, per_split, *_strides(xin), *_strides(dy),
-        MODE=mode, TAPS=taps, HAS_DB=needs_bias, ACC_FP64=acc == torch.float64,
-        PRECISION=_precision(x), **cfg)
+    dw = torch.empty((pl.dw_splits, pl.taps, c, o), dtype=acc, device=x.device)
+    db = torch.zeros((pl.dw_splits, pl.taps, o) if needs_bias else (1,), dtype=acc, device=x.device)
+    launch(_phase_conv_dw_kernel, pl.dw.grid,
+           xin, dy, dw, db, n, h, w, c, o, pl.dw_splits, pl.dw_pixels_per_split, *_strides(xin), *_strides(dy),
+           MODE=pl.mode, TAPS=pl.taps, HAS_DB=needs_bias, ACC_FP64=acc == torch.float64,
+           PRECISION=pl.precision, **pl.dw.meta())
     return dw.sum(dim=0), (db.sum(dim=(0, 1)) if needs_bias else None)
 
 
-def _backward(mode: int, dy, x, weight, packed, o: int, needs_x: bool, needs_weight: bool,
-              needs_bias: bool):
+def launch_backward(pl: BackwardPlan, dy, x, weight, needs_x: bool, needs_weight: bool, needs_bias: bool):
+    """-> (dx, dweight, dbias) of plan ``pl``; a gradient not asked for is an empty (0,) tensor."""
+    o = _out_channels(pl.mode, weight)
     dy = _nhwc(dy)
     empty = weight.new_empty((0,))
     dx = x.new_empty((0,))
     if needs_x:
-        dx = _dx(mode, dy, x, packed, o)
+        dx = _dx(pl, dy, x, _packed(pl.mode, weight, x.dtype), o)
     dw, db = empty, empty
     if needs_weight:
-        taps, db_acc = _dw(mode, dy, x, o, needs_bias)
-        if mode == UPSAMPLE:
+        taps, db_acc = _dw(pl, dy, x, o, needs_bias)
+        if pl.mode == UPSAMPLE:
             c = x.shape[1]
             dw = upsample_phase_weights_adjoint(taps.view(2, 2, 2, 2, c, o).transpose(-1, -2))
         else:
@@ -513,31 +595,31 @@ def _backward(mode: int, dy, x, weight, packed, o: int, needs_x: bool, needs_wei
 
 def upsample_conv2d_forward(x, weight, bias):
     """Nearest x2, reflection pad 1, 3x3 conv: x (N, C, H, W), weight (O, C, 3, 3) -> (N, O, 2H, 2W)."""
-    return _forward(UPSAMPLE, x, _upsample_weight(weight, x.dtype), bias, weight.shape[0], False)
+    return launch_forward(plans_for(UPSAMPLE, x, weight), x, weight, bias)
 
 
 def upsample_conv2d_forward_stats(x, weight, bias):
     """-> (y, mean (N, O), biased variance (N, O)) of y over each (n, o) plane, fp32 (fp64)."""
-    return _forward(UPSAMPLE, x, _upsample_weight(weight, x.dtype), bias, weight.shape[0], True)
+    return launch_forward(plans_for(UPSAMPLE, x, weight), x, weight, bias, stats=True)
 
 
 def upsample_conv2d_backward(dy, x, weight, needs_x: bool, needs_weight: bool, needs_bias: bool):
     """-> (dx, dweight, dbias); a gradient not asked for is an empty (0,) tensor."""
-    packed = _upsample_weight(weight, x.dtype) if needs_x else None
-    return _backward(UPSAMPLE, dy, x, weight, packed, weight.shape[0], needs_x, needs_weight, needs_bias)
+    return launch_backward(plans_for(UPSAMPLE, x, weight, backward=True), dy, x, weight, needs_x, needs_weight,
+                           needs_bias)
 
 
 def conv_transpose2d_forward(x, weight, bias):
     """Transposed 3x3 conv, stride 2, padding 1, output_padding 1: weight (C, O, 3, 3)."""
-    return _forward(TRANSPOSE, x, _transpose_weight(weight, x.dtype), bias, weight.shape[1], False)
+    return launch_forward(plans_for(TRANSPOSE, x, weight), x, weight, bias)
 
 
 def conv_transpose2d_forward_stats(x, weight, bias):
     """-> (y, mean (N, O), biased variance (N, O)) of y over each (n, o) plane, fp32 (fp64)."""
-    return _forward(TRANSPOSE, x, _transpose_weight(weight, x.dtype), bias, weight.shape[1], True)
+    return launch_forward(plans_for(TRANSPOSE, x, weight), x, weight, bias, stats=True)
 
 
 def conv_transpose2d_backward(dy, x, weight, needs_x: bool, needs_weight: bool, needs_bias: bool):
     """-> (dx, dweight, dbias); a gradient not asked for is an empty (0,) tensor."""
-    packed = _transpose_weight(weight, x.dtype) if needs_x else None
-    return _backward(TRANSPOSE, dy, x, weight, packed, weight.shape[1], needs_x, needs_weight, needs_bias)
+    return launch_backward(plans_for(TRANSPOSE, x, weight, backward=True), dy, x, weight, needs_x, needs_weight,
+                           needs_bias)

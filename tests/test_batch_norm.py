@@ -227,3 +227,32 @@ _RM, _RV = torch.zeros(C), torch.ones(C)
 def test_bad_inputs(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         fastperc.batch_norm(*args, **kwargs)
+
+
+def _float64_running_statistics_params() -> list:
+    params = backend_device_params(with_dtype=False)
+    if "cuda" in fastperc.available_backends():
+        params.append(pytest.param("cuda", "cuda", id="cuda-cuda"))
+    return params
+
+
+@pytest.mark.parametrize("backend,device", _float64_running_statistics_params())
+def test_eval_float64_running_statistics_keep_their_low_word(backend, device):
+    """Eval mode with float64 running statistics and a float32 input: the running mean is
+    1000 + δ with δ below float32's resolution there (6e-5) and the data spread 1e-3 around it,
+    so rounding the mean to float32 moves x̂ by about 1%. Every backend keeps the low word
+    (fastperc.rules.running_stats) and matches the float64 reference, forward and dweight."""
+    g = torch.Generator().manual_seed(0)
+    mean = 1000 + torch.tensor([1.3e-5, 2.2e-5, -3.1e-5], dtype=torch.float64)
+    var = torch.tensor([1e-6, 4e-6, 2e-6], dtype=torch.float64)
+    x = (mean.reshape(1, C, 1, 1) + 1e-3 * torch.randn(2, C, 4, 5, dtype=torch.float64, generator=g)).float()
+    weight = (1 + 0.1 * torch.randn(C, generator=g)).requires_grad_(True)
+    rm, rv, xd = mean.to(device), var.to(device), x.to(device)
+    wd = weight.detach().to(device).requires_grad_(True)
+    y = fastperc.batch_norm(xd, wd, None, rm, rv, training=False, eps=1e-8, backend=backend)
+    dy = make_input(tuple(x.shape), torch.float32, device)
+    y.backward(dy)
+    ref, (dw_ref,) = reference_grads(
+        lambda w: reference.batch_norm(x.double(), w, None, mean, var, training=False, eps=1e-8), [weight], dy.cpu())
+    assert_close(y.cpu(), ref, torch.float32, what="y")
+    assert_close(wd.grad.cpu(), dw_ref, torch.float32, what="dweight")

@@ -5,6 +5,7 @@ import torch
 
 import fastperc
 from fastperc import reference
+from fastperc.rules import H200, device_facts
 from helpers import (
     LAYOUTS,
     TOLERANCE,
@@ -141,8 +142,8 @@ def test_triton_split_k_matches_single_stage(dtype):
     ref = reference.gram(x.double())
     single = kernels.gram_forward(x, num_splits=1)
     forced = kernels.gram_forward(x, num_splits=5)
-    block_c, block_k, _ = kernels._forward_config(16, dtype, x.device)
-    assert kernels._num_splits(1, 64 * 64, block_k, x.device) > 1  # the heuristic splits too
+    plan = kernels.plan_forward(TALL, dtype, device_facts(x.device), style=False, tf32=False)
+    assert plan.splits > 1 and plan.reduce_grid is not None  # the heuristic splits too
     by_heuristic = kernels.gram_forward(x)
     for g in (single, forced, by_heuristic):
         assert_close(g, ref, dtype)
@@ -163,18 +164,16 @@ def test_triton_is_deterministic():
 
 
 @needs_triton
-def test_triton_precision_follows_the_tf32_flag():
+def test_plans_take_tf32_for_float32_only():
+    """The tl.dot precision of a GPU plan: tf32 for fp32 where TF32 is allowed, else exact."""
     kernels = _kernels()
-    matmul = torch.backends.cuda.matmul
-    saved = matmul.allow_tf32
-    try:
-        matmul.allow_tf32 = True
-        assert kernels._precision(torch.float32) == "tf32"
-        assert kernels._precision(torch.float16) == kernels._precision(torch.float64) == "ieee"
-        matmul.allow_tf32 = False
-        assert kernels._precision(torch.float32) == "ieee"
-    finally:
-        matmul.allow_tf32 = saved
+    for tf32 in (False, True):
+        fwd = kernels.plan_forward(TALL, torch.float32, H200, style=False, tf32=tf32)
+        bwd = kernels.plan_backward(TALL, torch.float32, H200, has_a=False, tf32=tf32)
+        assert fwd.precision == bwd.precision == ("tf32" if tf32 else "ieee")
+        for dtype in (torch.float16, torch.float64):
+            assert kernels.plan_forward(TALL, dtype, H200, style=False, tf32=tf32).precision == "ieee"
+            assert kernels.plan_backward(TALL, dtype, H200, has_a=False, tf32=tf32).precision == "ieee"
 
 
 @pytest.mark.parametrize(

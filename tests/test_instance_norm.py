@@ -144,11 +144,12 @@ def test_split_reductions_are_exercised_and_correct():
     if "triton" not in backends_for("cpu"):
         pytest.skip("needs triton (TRITON_INTERPRET=1 on a machine without a GPU)")
     from fastperc.kernels import norm as kernels
+    from fastperc.rules import device_facts
 
     for shape, layout in [((1, 1, 100, 100), "contiguous"), ((1, 3, 60, 60), "channels_last")]:
         n, c, h, w = shape
-        _, block_s, c_blocks, chunk, splits, _ = kernels._plan(torch.device("cpu"), n, c, h * w, layout != "contiguous")
-        assert splits > 1 and chunk > block_s, (shape, layout)
+        pl = kernels.plan(n, c, h * w, layout != "contiguous", device_facts(torch.device("cpu")), per_sample=True)
+        assert pl.splits > 1 and pl.chunk > pl.block_s, (shape, layout)
         x, y, grads, ref, ref_grads = _run("triton", shape, torch.float32, "cpu", layout, True, True, True)
         _check(x, y, grads, ref, ref_grads, torch.float32)
 
@@ -180,12 +181,15 @@ def test_split_plan_fills_an_h200(shape, channels_last):
     """The split is chosen from the shape: a few programs per SM, each a whole number of tiles."""
     pytest.importorskip("triton")
     from fastperc.kernels.norm import PROGRAMS_PER_SM, plan
+    from fastperc.rules import H200
 
     n, c, h, w = shape
-    block_c, block_s, c_blocks, chunk, splits, _ = plan(n, c, h * w, channels_last, tile=4096, sms=132)
-    assert block_c * block_s <= 4096 and chunk % block_s == 0
+    pl = plan(n, c, h * w, channels_last, H200, per_sample=True)
+    block_s, chunk, splits = pl.block_s, pl.chunk, pl.splits
+    assert pl.block_c * block_s <= 4096 and chunk % block_s == 0
     assert (splits - 1) * chunk < h * w <= splits * chunk  # the chunks tile each row exactly
-    programs = n * c_blocks * splits
+    programs = n * pl.c_blocks * splits
+    assert pl.partial_grid == (programs,) and pl.apply_grid == (n * pl.c_blocks * pl.s_blocks,)
     # About PROGRAMS_PER_SM programs per SM (equal chunks round it down), unless every tile has its own.
     assert programs >= PROGRAMS_PER_SM * 132 // 2 or splits == -(-h * w // block_s)
     assert splits == 1 or programs <= 2 * PROGRAMS_PER_SM * 132  # and no more split than that needs

@@ -6,6 +6,7 @@ import torch
 
 import fastperc
 from fastperc import reference
+from fastperc.rules import device_facts
 from helpers import (
     LAYOUTS,
     TRITON_DEVICE,
@@ -161,8 +162,8 @@ def test_triton_split_k_matches_single_stage(dtype):
     x = make_input(TALL, dtype, TRITON_DEVICE)
     t = make_target("batched", 1, 16, TRITON_DEVICE)
     ref = reference.style_loss(x.double(), t.double())
-    _, block_k, _ = kernels._forward_config(16, dtype, x.device)
-    assert kernels._num_splits(1, 64 * 64, block_k, x.device) > 1  # the heuristic splits
+    plan = kernels.plan_forward(TALL, dtype, device_facts(x.device), style=True, tf32=False)
+    assert plan.splits > 1  # the heuristic splits
     results = [kernels.style_loss_forward(x, t, num_splits=s) for s in (1, 5, None)]
     for loss, gram in results:
         assert_close(loss, ref, dtype, what="loss")

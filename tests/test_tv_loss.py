@@ -5,6 +5,7 @@ import torch
 
 import fastperc
 from fastperc import reference
+from fastperc.rules import H200
 from helpers import (
     LAYOUTS,
     ON_GPU,
@@ -232,11 +233,14 @@ def test_bad_inputs(x, kwargs, error, match):
 def test_plan_fills_a_132_sm_gpu(shape, interleaved, itemsize):
     """The GPU plan (not the interpreter's) gives several programs per SM, both passes."""
     k = pytest.importorskip("fastperc.kernels.tv_loss")
-    pl = k.plan(shape, interleaved, itemsize)
-    programs, _ = k.forward_grid(pl, shape[0])
+    fmt = torch.channels_last if interleaved else torch.contiguous_format
+    x = torch.empty(shape, device="meta", memory_format=fmt)
+    pl = k.plan(shape, (x.stride(),), itemsize, H200)
+    assert pl.interleaved == interleaved
+    (programs,) = pl.forward_grid
     assert programs >= 4 * 132
     assert programs <= k.MAX_PARTIALS
-    assert k.backward_programs(pl, shape[0]) >= 4 * 132
+    assert pl.backward_grid[0] >= 4 * 132
     assert pl.block_r * pl.block_f * itemsize >= 1024  # still a sizeable tile
 
 
@@ -246,33 +250,32 @@ def test_plan_fills_a_132_sm_gpu(shape, interleaved, itemsize):
 def test_large_shape_spans_several_tiles_on_each_axis(layout, dtype):
     k = _kernels()
     x = make_input(LARGE, dtype, TRITON_DEVICE, layout)
-    assert k._interleaved(x) == (layout == "channels_last")
-    pl = k._plan(x, k._interleaved(x))
+    pl = k.plan_for(x)
+    assert pl.interleaved == (layout == "channels_last")
     assert pl.n_row_blocks > 1 and pl.n_col_blocks > 1
 
 
 @needs_triton
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("p", [1, 2])
-def test_forward_row_loops_and_gpu_tiles(monkeypatch, layout, p):
+def test_forward_row_loops_and_gpu_tiles(layout, p):
     """Few partials allowed (each program loops over several row blocks) and the small tiles
     the GPU plan picks for small tensors; bitwise deterministic across calls."""
     k = _kernels()
-    monkeypatch.setattr(k, "MAX_PARTIALS", 4)
-    monkeypatch.setattr(k, "_MIN_PROGRAMS_NOW", k.MIN_PROGRAMS)
     x = make_input((2, 2, 9, 40), torch.float32, TRITON_DEVICE, layout)
-    pl = k._plan(x, k._interleaved(x))
-    assert pl.block_r * pl.block_f == k.MIN_TILE
-    assert k.forward_grid(pl, 2)[1] > 1
-    x.requires_grad_(True)
-    loss = fastperc.tv_loss(x, p, "none", backend="triton")
-    again = fastperc.tv_loss(x.detach(), p, "none", backend="triton")
-    assert torch.equal(loss, again)
+    shape, itemsize = tuple(x.shape), x.element_size()
+    fwd = k.plan(shape, (x.stride(),), itemsize, H200, max_partials=4)
+    assert fwd.block_r * fwd.block_f == k.MIN_TILE
+    assert fwd.iters > 1 and fwd.forward_grid[0] <= 4
+    loss = k.launch_forward(fwd, x, p, "none")
+    assert torch.equal(loss, k.launch_forward(fwd, x, p, "none"))
     grad_out = _grad_out("none", 2, TRITON_DEVICE)
-    loss.backward(grad_out)
-    ref, (gx,) = reference_grads(lambda t: reference.tv_loss(t, p, "none"), [x], grad_out)
+    bwd = k.plan(shape, (x.stride(), torch.empty_like(x).stride()), itemsize, H200)
+    assert bwd.block_r * bwd.block_f == k.MIN_TILE
+    dx = k.launch_backward(bwd, grad_out, x, p, "none")
+    ref, (gx,) = reference_grads(lambda t: reference.tv_loss(t, p, "none"), [x.requires_grad_(True)], grad_out)
     assert_close(loss, ref, torch.float32)
-    assert_close(x.grad, gx, torch.float32)
+    assert_close(dx, gx, torch.float32)
 
 
 @needs_triton

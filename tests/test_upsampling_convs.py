@@ -6,7 +6,6 @@ import torch
 
 from helpers import TRITON_DEVICE, backend_device_params, needs_triton
 from upsample_helpers import (
-    MULTI_TILE_SHAPE,
     TRANSPOSE,
     UPSAMPLE,
     bad_input_params,
@@ -15,10 +14,10 @@ from upsample_helpers import (
     check_edge_sizes_exact,
     check_forward_backward,
     check_gradcheck,
+    check_multi_tile,
     check_only_requested_gradients,
     check_opcheck,
     check_reference_backward,
-    check_stats,
     forward_backward_params,
 )
 
@@ -72,9 +71,8 @@ def test_autocast_bf16(op):
 
 @needs_triton
 @each_op
-def test_triton_multi_tile_and_fused_statistics(op, monkeypatch):
-    check_stats(op, TRITON_DEVICE, monkeypatch)
-    check_forward_backward(op, "triton", TRITON_DEVICE, torch.float32, MULTI_TILE_SHAPE, "channels_last", True)
+def test_triton_multi_tile_and_fused_statistics(op):
+    check_multi_tile(op, TRITON_DEVICE)
 
 
 @pytest.mark.parametrize("op,x,weight,bias,error,match",
@@ -85,12 +83,26 @@ def test_bad_inputs(op, x, weight, bias, error, match):
 
 
 def test_phase_weights_sum_the_kernel():
-    """Each upsampling phase's 2x2 weights sum to the whole 3x3 kernel (a constant image stays
-    constant up to the kernel's sum), and the adjoint is the transpose of the map."""
-    from fastperc.torch_backend.upsample import upsample_phase_weights, upsample_phase_weights_adjoint
+    """The phase weights are sum_{k, l} A[a, t, k] A[b, s, l] w[k, l] with the tap matrices A,
+    and the adjoint is the transpose of that map."""
+    from fastperc.rules import upsample_phase_weights, upsample_phase_weights_adjoint
 
+    taps = torch.tensor([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], dtype=torch.float64)
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
     p = upsample_phase_weights(w)
+    assert torch.allclose(p, torch.einsum("atk,bsl,ockl->abtsoc", taps, taps, w))
     assert torch.allclose(p.sum(dim=(2, 3)), w.sum(dim=(2, 3)).expand(2, 2, 4, 3))
     g = torch.randn_like(p)
     assert torch.allclose((p * g).sum(), (w * upsample_phase_weights_adjoint(g)).sum())
+
+
+@each_op
+def test_torch_backend_builds_no_tensor_from_python_values(op, monkeypatch):
+    """No host-to-device copy of Python values per call (a sync on CUDA, and no CUDA-graph
+    capture): the forward and backward never call torch.tensor / torch.as_tensor."""
+    x, weight, b = op.inputs((1, 3, 2, 4, 5))
+    for name in ("tensor", "as_tensor"):
+        monkeypatch.setattr(torch, name, lambda *args, _name=name, **kwargs: pytest.fail(f"torch.{_name} called"))
+    leaves = [t.requires_grad_(True) for t in (x, weight, b)]
+    op.fn(*leaves, backend="torch").sum().backward()
+    assert all(t.grad is not None for t in leaves)

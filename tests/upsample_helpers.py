@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import fastperc
 from fastperc import reference
+from fastperc.rules import matmul_tf32
 from helpers import (
     LAYOUTS,
     ON_GPU,
@@ -86,7 +87,7 @@ SHAPES = [
 ]
 EDGE_SIZES = [1, 2, 3, 5]
 # Several tiles in every GEMM dimension: on the GPU's blocks (64 to 128), or under the
-# interpreter with blocks of 16 (the multi-tile test sets INTERPRETER_MAX_BLOCK).
+# interpreter with blocks of 16 (the multi-tile test's plans ask for them).
 MULTI_TILE_SHAPE = (2, 136, 136, 13, 11) if ON_GPU else (1, 17, 18, 5, 4)
 
 
@@ -134,7 +135,7 @@ def tolerance(backend: str, device: str, dtype: torch.dtype) -> float:
     if (device == "cuda" and dtype == torch.float32 and backend in ("reference", "torch")
             and torch.backends.cudnn.allow_tf32):
         return TF32_TOLERANCE
-    if device == "cuda" and dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    if device == "cuda" and dtype == torch.float32 and matmul_tf32():
         return TF32_TOLERANCE
     return TOLERANCE[dtype]
 
@@ -283,16 +284,34 @@ def bad_input_params(op: ConvOp) -> list:
     ]
 
 
-def check_stats(op: ConvOp, device, monkeypatch) -> None:
-    """The forward epilogue's per-(n, c) mean and biased variance equal those of y, merged
-    over several pixel tiles (blocks of 16) of inputs with a large mean."""
-    from fastperc.kernels import upsample_conv
+def check_multi_tile(op: ConvOp, device) -> None:
+    """The Triton launchers on plans with several tiles in every GEMM dimension (blocks of 16
+    under the interpreter, the GPU's own on a GPU) and a split weight gradient, forward and
+    backward against the definition; and the forward epilogue's per-(n, c) mean and biased
+    variance, merged over the pixel tiles, of inputs with a large mean."""
+    from fastperc.kernels import upsample_conv as uc
+    from fastperc.rules import device_facts, tf32_allowed
 
-    monkeypatch.setattr(upsample_conv, "INTERPRETER_MAX_BLOCK", 16)
-    launcher = getattr(upsample_conv, f"{op.name}_forward_stats")
-    x, weight, b = op.inputs((1, 5, 3, 5, 4), device=device)
-    y, mean, var = launcher(x * 3 + 7, weight, b)
+    mode = uc.UPSAMPLE if op is UPSAMPLE else uc.TRANSPOSE
+    x, weight, b = op.inputs(MULTI_TILE_SHAPE, torch.float32, device, "channels_last", True)
+    facts = device_facts(x.device)
+    args = (mode, tuple(x.shape), MULTI_TILE_SHAPE[2], x.dtype, facts)
+    fwd = uc.plan_forward(*args, tf32=tf32_allowed(facts), interpreter_block=16)
+    bwd = uc.plan_backward(*args, tf32=tf32_allowed(facts), interpreter_block=16)
+    for gemm in (fwd.gemm, bwd.dx, bwd.dw):
+        assert gemm.grid[0] > 1 and gemm.grid[1] > 1, gemm
+    assert bwd.dw_splits > 1
+    y = uc.launch_forward(fwd, x, weight, b)
+    grad_out = make_input(tuple(y.shape), torch.float32, device)
+    grads = uc.launch_backward(bwd, grad_out, x, weight, True, True, True)
+    ref, ref_grads = reference_grads(op.definition, [x, weight, b], grad_out)
+    tol = tolerance("triton", device, torch.float32)
+    assert_close(y, ref, torch.float32, tol=tol, what="y")
+    for name, g, r in zip(("dx", "dweight", "dbias"), grads, ref_grads):
+        assert_close(g, r, torch.float32, tol=tol, what=name)
+
+    y, mean, var = uc.launch_forward(fwd, x * 3 + 7, weight, b, stats=True)
     ref_var, ref_mean = torch.var_mean(y.double(), dim=(2, 3), unbiased=False)
-    assert mean.shape == var.shape == (1, 3)
+    assert fwd.tiles_m > 1 and mean.shape == var.shape == (MULTI_TILE_SHAPE[0], MULTI_TILE_SHAPE[2])
     assert_close(mean, ref_mean, torch.float32, what="mean")
     assert_close(var, ref_var, torch.float32, what="var")
