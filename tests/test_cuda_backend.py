@@ -10,6 +10,7 @@ The kernels themselves are checked on a GPU by tests/test_cuda_kernels.py.
 """
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import subprocess
@@ -199,36 +200,102 @@ def test_cuda_check_fails_on_a_source_that_does_not_compile(tmp_path):
     assert "this source does not compile" in proc.stdout + proc.stderr
 
 
-def test_fast_division_formula_is_exact():
-    """csrc/common.cuh's FastDiv (multiply-high and shift, for numerators < 2^31), in Python."""
+# A host program around csrc/common.cuh's FastDiv: the header's own constructor, div and mod,
+# with the one CUDA intrinsic they use (__umulhi, the high 32 bits of a 32 x 32-bit product)
+# given its documented meaning. Reads "d n" lines, writes "n / d, n % d" lines.
+FAST_DIV_PROGRAM = r"""
+#include <cstdint>
+#include <cstdio>
+static inline uint32_t __umulhi(uint32_t a, uint32_t b) { return uint32_t((uint64_t(a) * b) >> 32); }
+// Declared for the header's block-level templates, which this program never instantiates.
+struct ThreadIndex { unsigned x, y, z; };
+extern const ThreadIndex threadIdx;
+void __syncthreads();
+#include "common.cuh"
+int main() {
+  unsigned long long d, n;
+  while (std::scanf("%llu %llu", &d, &n) == 2) {
+    const fastperc::FastDiv f(static_cast<uint32_t>(d));
+    std::printf("%u %u\n", f.div(static_cast<uint32_t>(n)), f.mod(static_cast<uint32_t>(n)));
+  }
+}
+"""
+
+
+def _cuda_include() -> Path | None:
+    """The CUDA toolkit's include directory (cuda_runtime.h): $CUDA_HOME, $CUDA_PATH, next to
+    nvcc, or /usr/local/cuda."""
+    nvcc = shutil.which("nvcc")
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+             Path(nvcc).resolve().parents[1] if nvcc else None, "/usr/local/cuda"]
+    includes = [Path(h) / "include" for h in homes if h]
+    return next((i for i in includes if (i / "cuda_runtime.h").exists()), None)
+
+
+def test_fast_division_in_the_header_is_exact(tmp_path):
+    """csrc/common.cuh's FastDiv (multiply-high and shift, numerators < 2^31), compiled from
+    the header for the host and run on divisors up to 2^31."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    include = _cuda_include()
+    if cxx is None or include is None:
+        pytest.skip("needs a C++ compiler and the CUDA toolkit's headers (nvcc on PATH)")
+    from torch.utils.cpp_extension import include_paths
+
+    (tmp_path / "fast_div.cpp").write_text(FAST_DIV_PROGRAM)
+    flags = ["-std=c++17", f"-I{CSRC}", f"-I{include}", *(f"-I{p}" for p in include_paths())]
+    build = subprocess.run([cxx, *flags, str(tmp_path / "fast_div.cpp"), "-o", str(tmp_path / "fast_div")],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-2000:]
     rng = random.Random(0)
-    divisors = list(range(1, 300)) + [2**k for k in range(31)] + [2**31] + [rng.randrange(1, 2**31) for _ in range(300)]
-    for d in divisors:
-        shift = next(s for s in range(33) if (1 << s) >= d)
-        m = ((1 << 32) * ((1 << shift) - d) // d + 1) & 0xFFFFFFFF
-        for n in [0, 1, d - 1, d, d + 1, 2**31 - 1] + [rng.randrange(0, 2**31) for _ in range(50)]:
-            if n < 2**31:
-                assert (((n * m) >> 32) + n) >> shift == n // d, (n, d)
+    divisors = list(range(1, 300)) + [2**k for k in range(32)] + [rng.randrange(1, 2**31) for _ in range(300)]
+    cases = [(d, n) for d in divisors
+             for n in [0, 1, d - 1, d, d + 1, 2**31 - 1] + [rng.randrange(0, 2**31) for _ in range(20)] if n < 2**31]
+    run = subprocess.run([str(tmp_path / "fast_div")], input="".join(f"{d} {n}\n" for d, n in cases),
+                         capture_output=True, text=True, check=True)
+    got = [tuple(map(int, line.split())) for line in run.stdout.splitlines()]
+    assert len(got) == len(cases)
+    wrong = [(d, n, q, r) for (d, n), (q, r) in zip(cases, got) if (q, r) != divmod(n, d)]
+    assert not wrong, f"FastDiv(d).div/mod(n) wrong for (d, n, div, mod) {wrong[:5]}"
 
 
 # -- on any machine: the op layer dispatches to these launchers ------------------------------
 
 
-@pytest.mark.parametrize("module,table,name", [
-    ("_tv_loss", "_forward", "tv_loss_forward"), ("_tv_loss", "_backward", "tv_loss_backward"),
-    ("_norm", "_in_forward", "instance_norm_forward"), ("_norm", "_in_backward", "instance_norm_backward"),
-    ("_norm", "_bn_forward", "batch_norm_forward"), ("_norm", "_bn_backward", "batch_norm_backward"),
-])
-def test_op_tables_dispatch_cuda_to_launchers_shaped_like_the_triton_ones(module, table, name):
+def _backend_tables() -> list:
+    """Every per-backend implementation table of the op layer, found by type."""
+    import importlib
+    import pkgutil
+
+    import fastperc.ops
+    from fastperc.ops._dispatch import BackendTable
+
+    names = [m.name for m in pkgutil.iter_modules(fastperc.ops.__path__)]
+    modules = [importlib.import_module(f"fastperc.ops.{name}") for name in names]
+    return [t for m in modules for t in vars(m).values() if isinstance(t, BackendTable)]
+
+
+def test_op_tables_dispatch_cuda_to_launchers_shaped_like_the_triton_ones():
+    """Each cuda entry of an op's table is the fastperc.cuda_backend launcher of the same name
+    as the table's triton entry, with that launcher's parameters; every cuda launcher is used."""
     import importlib
     import importlib.util
     import inspect
 
-    cb = importlib.import_module("fastperc.cuda_backend")
-    ops = importlib.import_module(f"fastperc.ops.{module}")
-    assert getattr(ops, table).impls["cuda"] is getattr(cb, name)
-    if importlib.util.find_spec("triton") is None:
-        return
-    kernels = importlib.import_module(f"fastperc.kernels.{'tv_loss' if module == '_tv_loss' else 'norm'}")
-    assert list(inspect.signature(getattr(cb, name)).parameters) == list(
-        inspect.signature(getattr(kernels, name)).parameters)
+    from fastperc import cuda_backend
+
+    launchers = {name: fn for name, fn in vars(cuda_backend).items()
+                 if inspect.isfunction(fn) and fn.__module__ == cuda_backend.__name__}
+    used = set()
+    for table in _backend_tables():
+        fn = table.impls.get("cuda")
+        if fn is None:
+            continue
+        assert launchers.get(fn.__name__) is fn, (table.op, fn)
+        module, _, name = table.impls["triton"].__name__.rpartition(".")
+        assert name == fn.__name__, (table.op, table.impls["triton"].__name__)
+        used.add(name)
+        if importlib.util.find_spec("triton") is not None:
+            twin = getattr(importlib.import_module(f"fastperc.kernels.{module}"), name)
+            assert list(inspect.signature(fn).parameters) == list(inspect.signature(twin).parameters)
+    assert used == set(launchers), sorted(set(launchers) - used)
+    assert len(used) == 6  # tv_loss and the two norms, forward and backward
