@@ -45,8 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastperc.rules import (DeviceFacts, acc_dtype, cdiv, device_facts, dot_precision, hw_strides, pow2_block,
-                            tf32_allowed)
+from fastperc.rules import (DeviceFacts, acc_dtype, cdiv, device_facts, dot_precision, hw_strides, natural_format,
+                            pow2_block, tf32_allowed, walkable)
 
 from .common import launch, tl_dtype
 
@@ -293,16 +293,6 @@ def plan_backward(shape: tuple[int, int, int, int], dtype: torch.dtype, facts: D
         grid=(cdiv(h * w, block_k), cdiv(c, block_m), n))
 
 
-def _psi_strides(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
-    """(x, stride_n, stride_c, stride_k) with psi[n, c, k] at n*stride_n + c*stride_c + k*stride_k;
-    x is made contiguous where (H, W) do not flatten with one stride."""
-    strides = hw_strides(x)
-    if strides is None:
-        x = x.contiguous()
-        strides = hw_strides(x)
-    return (x, *strides)
-
-
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -313,7 +303,7 @@ def launch_forward(plan: ForwardPlan, x: torch.Tensor, target: torch.Tensor | No
     n, c, h, w = x.shape
     k = h * w
     acc = acc_dtype(x.dtype)
-    x, s_xn, s_xc, s_xk = _psi_strides(x)
+    x, (s_xn, s_xc, s_xk) = walkable(x)  # psi[n, c, k] at n s_xn + c s_xc + k s_xk
     style = plan.style
     gram = torch.empty((n, c, c), device=x.device, dtype=acc if style else x.dtype)
     if style:
@@ -377,11 +367,9 @@ def launch_backward(plan: BackwardPlan, x: torch.Tensor, b: torch.Tensor, a: tor
     """d x = scale * M psi of ``plan`` (A given exactly when ``plan.has_a``), in x's dtype and layout."""
     n, c, h, w = x.shape
     k = h * w
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    out = torch.empty(x.shape, device=x.device, dtype=x.dtype,
-                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    _, s_on, s_oc, s_ok = _psi_strides(out)
-    x, s_xn, s_xc, s_xk = _psi_strides(x)
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=natural_format(x))
+    s_on, s_oc, s_ok = hw_strides(out)
+    x, (s_xn, s_xc, s_xk) = walkable(x)  # psi[n, c, k] at n s_xn + c s_xc + k s_xk
     b = b.expand(n, c, c)  # a (C, C) target broadcasts with batch stride 0
     a = a.contiguous() if plan.has_a else b  # b: an unused pointer
     m_scale = m_range_scale(b, a if plan.has_a else None) if plan.scale_m else scale  # (else: unused)
