@@ -4,9 +4,11 @@ import pickle
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastperc
 from examples_net import ExamplesTransformerNet, randomize_norms
+from fastperc.nn import set_fused
 from helpers import rel_err
 
 
@@ -169,3 +171,50 @@ def test_fused_network_keeps_the_input_layout(make, fmt):
     assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
     assert out.is_contiguous(memory_format=fmt)
     assert rel_err(out, expected) < 1e-4
+
+
+class _OpNames(TorchDispatchMode):
+    """Records the name of every op dispatched inside the block (fastperc's are fastperc::...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("make,fused_ops", [
+    (lambda: fastperc.TransformerNet(), {"fastperc::instance_norm", "fastperc::upsample_conv2d"}),
+    (lambda: fastperc.TransformerNet(variant="paper"), {"fastperc::batch_norm", "fastperc::conv_transpose2d"}),
+    (lambda: fastperc.SuperResolutionNet(4, norm="instance"),
+     {"fastperc::instance_norm", "fastperc::conv_transpose2d"}),
+], ids=["examples", "paper", "superres"])
+def test_set_fused_switches_the_whole_network(make, fused_ops):
+    """set_fused(net, False) turns a fused network into the plain torch one: no fastperc op runs,
+    the layout is the caller's, the output the same."""
+    torch.manual_seed(0)
+    net = randomize_norms(make()).eval()
+    x = torch.rand(1, 3, 8, 12) * 255
+    seen = []
+    net.conv1.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad(), _OpNames() as fused_run:
+        y_fused = net(x)
+    assert fused_ops <= fused_run.names
+    assert set_fused(net, False) is net and not net.fused
+    assert not any(getattr(m, "fused", False) for m in net.modules())
+    with torch.no_grad(), _OpNames() as plain_run:
+        y_plain = net(x)
+    assert not [name for name in plain_run.names if name.startswith("fastperc::")]
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and seen[1].is_contiguous()
+    assert rel_err(y_plain, y_fused) < 1e-4
+    set_fused(net, True)
+    with torch.no_grad(), _OpNames() as again:
+        net(x)
+    assert fused_ops <= again.names
+
+
+def test_set_fused_wants_a_bool():
+    with pytest.raises(TypeError, match="fused: expected a bool, got int"):
+        set_fused(fastperc.TransformerNet(), 0)
