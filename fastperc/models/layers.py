@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastperc import nn as fnn
-from fastperc.torch_backend.gram import natural_format
+from fastperc.rules import natural_format
 
 NORMS = ("instance", "batch")
 
