@@ -8,7 +8,8 @@ On a GPU each case is also timed with CUDA events (``triton.testing.do_bench``, 
 cleared between runs); pytest-benchmark times the call plus a synchronise. On a CPU
 pytest-benchmark's own timer is the measurement. Every benchmark records in `extra_info`:
 op, shape, dtype, mode ("fwd" or "fwd+bwd"), provider ("eager", "compile", "torch",
-"triton", "cuda"), bytes, flops, median_ms, GB/s and TFLOP/s (and peak_mem_MB on a GPU).
+"triton", "cuda", or an op's competitor), bytes, flops, median_ms, GB/s and TFLOP/s (and
+peak_mem_MB on a GPU, min_ms on a CPU).
 """
 from __future__ import annotations
 
@@ -51,6 +52,9 @@ def measure(benchmark):
             benchmark.pedantic(fn, rounds=rounds or 5, warmup_rounds=1)
             stats = benchmark.stats
             median_ms = stats.stats.median * 1e3 if stats is not None else float("nan")
+            if stats is not None:
+                # On shared CPU cores the fastest round is the steadier figure beside the median.
+                benchmark.extra_info["min_ms"] = stats.stats.min * 1e3
         seconds = median_ms / 1e3
         benchmark.extra_info.update(
             op=op, shape=list(shape), dtype=str(dtype).removeprefix("torch."), mode=mode,
@@ -65,12 +69,20 @@ def measure(benchmark):
 
 
 @pytest.fixture
-def measure_case(measure):
-    """measure_case(case, provider): time one fastperc.bench.cases.Case on one provider."""
+def measure_case(measure, benchmark):
+    """measure_case(case, provider, rounds=None): time one fastperc.bench.cases.Case on one
+    provider; records its layout, label and float32 precision, and where the case counts the
+    work as written too (the upsampling convs), flops_naive and TFLOPs_naive."""
 
-    def run(case, provider: str) -> None:
+    def run(case, provider: str, rounds: int | None = None) -> None:
+        extra = {"layout": case.layout, "label": case.label, "precision": case.precision(provider)}
+        if case.flops_naive is not None:
+            extra["flops_naive"] = case.flops_naive
         measure(case.runner(provider, _COMPILED), op=case.op, shape=case.shape, dtype=case.dtype,
-                mode=case.mode, provider=provider, bytes=case.bytes, flops=case.flops,
-                extra={"layout": case.layout, "label": case.label})
+                mode=case.mode, provider=provider, bytes=case.bytes, flops=case.flops, rounds=rounds,
+                extra=extra)
+        seconds = benchmark.extra_info["median_ms"] / 1e3
+        if case.flops_naive is not None:
+            benchmark.extra_info["TFLOPs_naive"] = case.flops_naive / seconds / 1e12 if seconds > 0 else None
 
     return run

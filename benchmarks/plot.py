@@ -13,21 +13,12 @@ from pathlib import Path
 
 
 def speedups(report: dict) -> list[tuple[str, float | None, float | None]]:
-    """(label, x eager, x compile) per (op, shape, dtype, mode)."""
-    groups: dict[tuple, dict] = {}
-    for r in report["results"]:
-        key = (r["op"], "x".join(map(str, r["shape"])), r.get("layout", "nchw"), r["dtype"], r["mode"])
-        groups.setdefault(key, {})[r["provider"]] = r["median_ms"]
-    out = []
-    for (op, shape, layout, dtype, mode), times in groups.items():
-        fused = [ms for p, ms in times.items() if p not in ("eager", "compile")]
-        if not fused:
-            continue
-        best = min(fused)
-        out.append((f"{op} {shape} {layout} {dtype} {mode}",
-                    times["eager"] / best if "eager" in times else None,
-                    times["compile"] / best if "compile" in times else None))
-    return out
+    """(label, x eager, x compile) per (op, shape, layout, dtype, mode) that fastperc ran."""
+    from fastperc.bench.report import comparisons
+
+    return [(f"{c.op} {'x'.join(map(str, c.shape))} {c.layout} {c.dtype} {c.mode}",
+             c.speedup("eager"), c.speedup("compile"))
+            for c in comparisons(report) if c.best is not None]
 
 
 def plot(report: dict, path: Path) -> None:

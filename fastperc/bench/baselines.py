@@ -76,3 +76,23 @@ def upsample_conv2d(x, weight, bias):
 def conv_transpose2d(x, weight, bias):
     """The paper's fractionally strided convolution (cuDNN / oneDNN)."""
     return F.conv_transpose2d(x, weight, bias, stride=2, padding=1, output_padding=1)
+
+
+def conv_transpose2d_phases(x, weight, bias):
+    """The transposed conv by its phase decomposition in plain torch: four F.conv2d of 1x1,
+    1x2, 2x1 and 2x2 taps, interleaved,
+        y[2m + a, 2l + b] = sum_{t <= a, s <= b} x[m + t, l + s] w[1 + a - 2t, 1 + b - 2s],
+    measured beside F.conv_transpose2d (the torch backend uses the latter: it measured faster
+    on the CPU)."""
+    n, _, h, w = x.shape
+    wt = weight.transpose(0, 1)  # (C_out, C_in, 3, 3)
+    xp = F.pad(x, (0, 1, 0, 1))
+    taps = ([1], [2, 0])  # the kernel rows (columns) of phase 0 and 1, by tap
+    layout = torch.channels_last if not x.is_contiguous() else torch.contiguous_format
+    y = torch.empty((n, wt.shape[0], 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=layout)
+    pixels = y.unflatten(2, (h, 2)).unflatten(4, (w, 2))
+    for a in range(2):
+        for b in range(2):
+            kernel = wt[:, :, taps[a]][:, :, :, taps[b]]
+            pixels[:, :, :, a, :, b] = F.conv2d(xp[:, :, :h + a, :w + b], kernel, bias)
+    return y

@@ -3,8 +3,9 @@
 A case is one (op, shape, dtype, mode). Its ``bytes`` and ``flops`` are what the op must
 move and compute at least (each input read once, each output written once); achieved GB/s
 and TFLOP/s are measured against them. Providers: "eager" (the torch composition a user
-would write, fastperc.bench.baselines), "compile" (torch.compile of it), and fastperc's
-backends by name ("torch", "triton", "cuda").
+would write, fastperc.bench.baselines), "compile" (torch.compile of it), fastperc's backends
+by name ("torch", "triton", "cuda"), and an op's own plain-torch competitors (``phases``, the
+phase-decomposed transposed conv).
 
 Both the pytest-benchmark suites in benchmarks/ and ``fastperc bench`` take their cases
 from here.
@@ -17,10 +18,15 @@ from typing import Callable, Iterator
 import torch
 
 import fastperc
-from fastperc.bench import baselines
+from fastperc import rules
+from fastperc.bench import baselines, precision
 from fastperc.bench.shapes import IMAGE, TRANSFORMER, UPSAMPLE, VGG, scaled
 
 MODES = ("fwd", "fwd+bwd")
+# Every provider that is not an op's own competitor, in the order tables list them.
+PROVIDERS = ("eager", "compile", "torch", "triton", "cuda")
+BACKENDS = ("torch", "triton", "cuda")  # the providers that are fastperc
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,11 @@ class OpSpec:
     # fastperc's call on a backend; default: fastperc.<name>(*inputs, backend=backend)
     fused_call: Callable[[str], Callable[..., torch.Tensor]] | None = None
     layouts: tuple[str, ...] = ("nchw",)         # memory formats of the image inputs
+    # The units (fastperc.bench.precision.UNITS) whose float32 mode the eager composition
+    # runs in; fastperc's Triton kernels do their products with tl.dot ("matmul").
+    fp32_units: tuple[str, ...] = ()
+    competitors: tuple[tuple[str, Callable[..., torch.Tensor]], ...] = ()  # (provider, fn)
+    flops_naive: Callable[[tuple, str], int] | None = None  # the work as the eager code writes it
 
     def fused(self, backend: str) -> Callable[..., torch.Tensor]:
         if self.fused_call is not None:
@@ -68,12 +79,30 @@ class Case:
         return self.spec.flops(self.shape, self.mode)
 
     @property
+    def flops_naive(self) -> int | None:
+        return None if self.spec.flops_naive is None else self.spec.flops_naive(self.shape, self.mode)
+
+    @property
     def id(self) -> str:
         layout = "" if self.layout == "nchw" else f"-{self.layout}"
         return f"{self.op}-{self.label}{layout}-{str(self.dtype).removeprefix('torch.')}-{self.mode}"
 
+    def precision(self, provider: str) -> str | None:
+        """"tf32" or "ieee" for a float32 case: the precision ``provider`` runs it in; None
+        for other dtypes."""
+        if self.dtype != torch.float32:
+            return None
+        if provider == "cuda":
+            units: tuple[str, ...] = ()  # elementwise and reduction kernels only
+        elif provider == "triton":
+            units = ("matmul",) if self.spec.fp32_units else ()
+        else:
+            units = self.spec.fp32_units
+        return precision.fp32_precision(units, self.device)
+
     def runner(self, provider: str, compiled: dict | None = None) -> Callable[[], object]:
         """A no-argument callable running this case on ``provider`` with fresh random inputs."""
+        competitors = dict(self.spec.competitors)
         if provider == "eager":
             fn = self.spec.eager
         elif provider == "compile":
@@ -85,6 +114,8 @@ class Case:
                 _raise_recompile_limit()
                 compiled[self.id] = torch.compile(self.spec.eager, dynamic=False)
             fn = compiled[self.id]
+        elif provider in competitors:
+            fn = competitors[provider]
         else:
             fn = self.spec.fused(provider)
         inputs = self.spec.make_inputs(self.shape, self.dtype, self.device)
@@ -151,8 +182,9 @@ def _style_bytes(shape, s, mode):
 
 SPECS: dict[str, OpSpec] = {
     "gram": OpSpec("gram", VGG, lambda sh, dt, dev: [_activation(sh, dt, dev)], baselines.gram,
-                   _gram_bytes, _gram_flops),
-    "style_loss": OpSpec("style_loss", VGG, _style_inputs, baselines.style_loss, _style_bytes, _gram_flops),
+                   _gram_bytes, _gram_flops, fp32_units=("matmul",)),
+    "style_loss": OpSpec("style_loss", VGG, _style_inputs, baselines.style_loss, _style_bytes, _gram_flops,
+                         fp32_units=("matmul",)),
     "feature_loss": OpSpec(
         "feature_loss", {"relu2_2": VGG["relu2_2"]},
         lambda sh, dt, dev: [_activation(sh, dt, dev), _activation(sh, dt, dev, False)],
@@ -227,8 +259,10 @@ def _conv_bytes(shape, s, mode):
 
 
 def _conv_flops(taps_per_pixel: int):
-    """Phase-decomposed FLOPs: 2 * taps * C_in * C_out per input pixel (16 taps for the
-    upsample conv, 9 for the transposed conv); forward+backward is three times the forward."""
+    """2 * taps * C_in * C_out FLOPs per input pixel; forward+backward is three times the
+    forward (dx and dweight are convolutions of the same size). Phase-decomposed, the work a
+    kernel must do: 16 taps for the upsample conv, 9 for the transposed conv; as written (a 3x3
+    conv on the 2H x 2W grid, for the transposed conv over the zero-inserted input): 36."""
     def flops(shape, mode):
         n, c_in, h, w = shape
         fwd = 2 * taps_per_pixel * n * h * w * c_in * (c_in // 2)
@@ -239,10 +273,13 @@ def _conv_flops(taps_per_pixel: int):
 _UPSAMPLE_SHAPES = {label: shape for label, (shape, _) in UPSAMPLE.items()}
 SPECS.update({
     "upsample_conv2d": OpSpec("upsample_conv2d", _UPSAMPLE_SHAPES, _conv_inputs(False), baselines.upsample_conv2d,
-                              _conv_bytes, _conv_flops(16), layouts=("nchw", "channels_last")),
+                              _conv_bytes, _conv_flops(16), layouts=("nchw", "channels_last"),
+                              fp32_units=("conv",), flops_naive=_conv_flops(36)),
     "conv_transpose2d": OpSpec("conv_transpose2d", _UPSAMPLE_SHAPES, _conv_inputs(True),
                                baselines.conv_transpose2d, _conv_bytes, _conv_flops(9),
-                               layouts=("nchw", "channels_last")),
+                               layouts=("nchw", "channels_last"), fp32_units=("conv",),
+                               competitors=(("phases", baselines.conv_transpose2d_phases),),
+                               flops_naive=_conv_flops(36)),
 })
 
 
@@ -250,35 +287,67 @@ def dtypes_for(device: str) -> list[torch.dtype]:
     return [torch.float32, torch.bfloat16] if device == "cuda" else [torch.float32]
 
 
-def iter_cases(device: str, *, quick: bool = False, ops: list[str] | None = None) -> Iterator[Case]:
-    """Every case to run on ``device``; small shapes on a CPU or with ``quick``."""
+def iter_cases(device: str, *, quick: bool = False, ops: list[str] | None = None,
+               dtypes: list[torch.dtype] | None = None) -> Iterator[Case]:
+    """Every case to run on ``device``; small shapes on a CPU or with ``quick``.
+
+    Ordered for a run that a deadline may cut: by dtype (in the order given; default
+    :func:`dtypes_for`), then one shape of every op before the second shape of any."""
     small = quick or device != "cuda"
+    shapes = {}
     for name, spec in SPECS.items():
-        if ops is not None and name not in ops:
-            continue
-        shapes = scaled(spec.shapes, small)
-        if quick:
-            shapes = dict(list(shapes.items())[:1])
-        for label, shape in shapes.items():
-            for layout in spec.layouts:
-                for dtype in dtypes_for(device):
+        if ops is None or name in ops:
+            shapes[name] = list(scaled(spec.shapes, small).items())[:1 if quick else None]
+    depth = max((len(v) for v in shapes.values()), default=0)
+    for dtype in dtypes or dtypes_for(device):
+        for rank in range(depth):
+            for name, labelled in shapes.items():
+                if rank >= len(labelled):
+                    continue
+                label, shape = labelled[rank]
+                for layout in SPECS[name].layouts:
                     for mode in MODES:
-                        yield Case(spec, label, shape, dtype, mode, device, layout)
+                        yield Case(SPECS[name], label, shape, dtype, mode, device, layout)
 
 
-def providers(device: str, spec: OpSpec | None = None) -> list[str]:
-    """eager, compile (on the GPU, where compiling each shape pays), and fastperc's backends
-    that run natively here (not the reference, not Triton's CPU interpreter); ``cuda`` only
-    for the ops it implements (``fastperc.cuda_backend.OPS``)."""
+def known_providers() -> list[str]:
+    """Every provider name: PROVIDERS, then the ops' own competitors."""
+    names = list(PROVIDERS)
+    for spec in SPECS.values():
+        names += [p for p, _ in spec.competitors if p not in names]
+    return names
+
+
+def providers(device: str, spec: OpSpec | None = None, wanted: list[str] | None = None) -> list[str]:
+    """The providers to measure on ``device`` (for ``spec``'s op), in the order of ``wanted``.
+
+    By default: eager, compile (on the GPU, where compiling each shape pays), fastperc's
+    backends that run natively here (not the reference, not Triton's CPU interpreter) and the
+    op's own competitors. ``wanted`` chooses among every provider that can run here: compile on
+    a CPU too, triton on a CPU under the interpreter. ``cuda`` only for the ops it implements
+    (``fastperc.cuda_backend.OPS``) and where its extension can be loaded."""
     from fastperc.cuda_backend import OPS as CUDA_OPS
 
-    fused = [b for b in fastperc.available_backends()
-             if b == "torch" or (b in ("triton", "cuda") and device == "cuda")]
-    if spec is not None and (spec.fastperc_op or spec.name) not in CUDA_OPS:
-        fused = [b for b in fused if b != "cuda"]
-    return ["eager"] + (["compile"] if device == "cuda" else []) + fused
+    available = fastperc.available_backends()
+    competitors = [p for p, _ in spec.competitors] if spec is not None else []
+
+    def runs(p: str) -> bool:
+        if p == "eager":
+            return True
+        if p == "compile":
+            return device == "cuda" or wanted is not None
+        if p == "torch":
+            return "torch" in available
+        if p == "triton":
+            return "triton" in available and (device == "cuda" or (wanted is not None and rules.INTERPRETED))
+        if p == "cuda":
+            return ("cuda" in available and device == "cuda"
+                    and (spec is None or (spec.fastperc_op or spec.name) in CUDA_OPS))
+        return p in competitors
+
+    return [p for p in (wanted if wanted is not None else list(PROVIDERS) + competitors) if runs(p)]
 
 
-def case_providers(device: str, cases: list[Case]) -> list[tuple[Case, str]]:
+def case_providers(device: str, cases: list[Case], wanted: list[str] | None = None) -> list[tuple[Case, str]]:
     """Every (case, provider) pair to measure."""
-    return [(case, provider) for case in cases for provider in providers(device, case.spec)]
+    return [(case, provider) for case in cases for provider in providers(device, case.spec, wanted)]

@@ -4,7 +4,12 @@ composition with the same weights.
 
 Providers: "examples-eager-fp32" (as users run that script), "examples-eager-bf16"
 (autocast, channels_last), "examples-compile-bf16" (torch.compile + autocast),
-"fastperc-fp32" and "fastperc-bf16" (the fused network and PerceptualLoss).
+"fastperc-fp32" and "fastperc-bf16" (the fused network and PerceptualLoss, on the backend
+fastperc picks for the device: triton on CUDA, torch on a CPU).
+
+Selected like the op cases: by task ("inference", "train_step"), by op-level provider
+(examples-eager-* is "eager", examples-compile-* "compile", fastperc-* the backend it runs on)
+and by dtype.
 """
 from __future__ import annotations
 
@@ -14,7 +19,11 @@ from typing import Callable, Iterator
 import torch
 
 import fastperc
+from fastperc.backends import resolve_backend
+from fastperc.bench import precision
 from fastperc.bench.baselines import ExamplesLoss
+
+TASKS = ("inference", "train_step")
 
 PROVIDERS_GPU = ("examples-eager-fp32", "examples-eager-bf16", "examples-compile-bf16",
                  "fastperc-fp32", "fastperc-bf16")
@@ -33,24 +42,57 @@ class EndToEndCase:
         return f"{self.task}-{self.size[0]}x{self.size[1]}-b{self.batch}"
 
 
-def iter_cases(device: str, *, quick: bool = False) -> Iterator[EndToEndCase]:
+def iter_cases(device: str, *, quick: bool = False, tasks: list[str] | None = None) -> Iterator[EndToEndCase]:
     if device == "cuda" and not quick:
-        for size in ((512, 512), (1024, 1024), (2160, 3840)):
-            yield EndToEndCase("inference", size, 1, device)
-        yield EndToEndCase("train_step", (256, 256), 4, device)
+        cases = [EndToEndCase("inference", size, 1, device) for size in ((512, 512), (1024, 1024), (2160, 3840))]
+        cases.append(EndToEndCase("train_step", (256, 256), 4, device))
     else:
-        yield EndToEndCase("inference", (256, 256) if quick else (512, 512), 1, device)
-        yield EndToEndCase("train_step", (64, 64) if quick else (128, 128), 4, device)
+        cases = [EndToEndCase("inference", (256, 256) if quick else (512, 512), 1, device),
+                 EndToEndCase("train_step", (64, 64) if quick else (128, 128), 4, device)]
+    return iter([c for c in cases if tasks is None or c.task in tasks])
 
 
-def providers(device: str) -> tuple[str, ...]:
-    return PROVIDERS_GPU if device == "cuda" else PROVIDERS_CPU
+def providers(device: str, wanted: list[str] | None = None, dtypes: list[torch.dtype] | None = None) -> list[str]:
+    """The end-to-end providers to measure on ``device``: by default the device's (fp32 only on
+    a CPU unless ``dtypes`` asks for more); ``wanted`` (op-level provider names, see
+    :func:`op_provider`) and ``dtypes`` narrow them."""
+    names = PROVIDERS_GPU if device == "cuda" or dtypes is not None else PROVIDERS_CPU
+    if wanted is not None:
+        names = [p for p in names if op_provider(p, device) in wanted]
+    return [p for p in names if dtypes is None or dtype_of(p) in dtypes]
+
+
+def op_provider(provider: str, device: str) -> str:
+    """The op-level provider an end-to-end provider stands for: "eager", "compile", or the
+    backend the fused network runs on here."""
+    family, mode, _ = _parse_name(provider)
+    if family == "fastperc":
+        return resolve_backend(None, torch.device(device))
+    return mode
+
+
+def dtype_of(provider: str) -> torch.dtype:
+    return torch.bfloat16 if _parse_name(provider)[2] == "bf16" else torch.float32
+
+
+def precision_of(provider: str, device: str) -> str | None:
+    """"tf32" or "ieee" for a float32 provider (its convolutions or matrix products may run in
+    TF32), None for bf16."""
+    if dtype_of(provider) != torch.float32:
+        return None
+    return precision.fp32_precision(precision.UNITS, device)
+
+
+def _parse_name(provider: str) -> tuple[str, str, str]:
+    """"examples-eager-fp32" -> ("examples", "eager", "fp32"); "fastperc-bf16" -> ("fastperc", "", "bf16")."""
+    family, *mode, dtype = provider.split("-")
+    return family, "-".join(mode), dtype
 
 
 def _parse(provider: str) -> tuple[bool, bool, torch.dtype]:
     """provider -> (fused, compiled, dtype)."""
-    family, *_, precision = provider.split("-")
-    return family == "fastperc", "-compile-" in provider, torch.bfloat16 if precision == "bf16" else torch.float32
+    family, mode, _ = _parse_name(provider)
+    return family == "fastperc", mode == "compile", dtype_of(provider)
 
 
 def network(fused: bool, device: str) -> torch.nn.Module:

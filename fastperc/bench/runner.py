@@ -1,140 +1,245 @@
-"""``fastperc bench``: run every comparison, print one table, write the results JSON.
+"""``fastperc bench``: run the comparisons, print one table, write the results JSON.
 
-The JSON (one file per run, committed under benchmarks/results/ for GPU runs):
-    device, torch, triton, cuda, commit, date (ISO),
-    ceilings {copy_GBps, bf16_TFLOPs},
-    results    [{op, shape, dtype, mode, layout, provider, median_ms, GBps, TFLOPs}],
-    end_to_end [{task, size [H, W], batch, provider, median_ms, peak_mem_MB}].
+    fastperc bench [--quick] [--device cpu|cuda] [--ops a,b,...] [--providers p,q,...]
+                   [--dtypes bf16,fp16,fp32] [--no-end-to-end] [--deadline SECONDS]
+                   [--jsonl FILE] [--out JSON]
+
+What runs is a list of measurements, each one row: the op cases (fastperc.bench.cases) on
+their providers, then the end-to-end cases (fastperc.bench.end_to_end). ``--ops`` names ops
+and end-to-end tasks ("inference", "train_step"); ``--providers`` and ``--dtypes`` narrow both
+(an end-to-end provider counts as "eager", "compile" or the backend the fused network runs on).
+A provider asked for that cannot run here (cuda without its extension, say) is left out with a
+note. With ``--deadline`` no measurement starts later than SECONDS after the start; what was
+measured still goes to the table and the JSON, and the exit status is 0. A measurement that
+raises is recorded under ``errors`` and the run goes on (exit status 1 at the end). ``--jsonl``
+streams every row as it is measured. The document's fields: fastperc.bench.report.
+
+A new kind of row (the host-cost rows, say) is one more plan in ``PLANS``: a function from
+the device and the selection to measurements.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import subprocess
+import math
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
 from fastperc.bench import cases as op_cases
 from fastperc.bench import end_to_end
-from fastperc.bench.timing import copy_bandwidth_GBps, matmul_TFLOPs, median_ms, peak_memory_mb
+from fastperc.bench.report import JsonlWriter, format_table, meta, new_document
+from fastperc.bench.timing import median_ms, peak_memory_mb
 
 
-def _versions() -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda}
+_clock = time.monotonic  # the deadline's clock (a test replaces it)
 
 
-def _commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+@dataclass(frozen=True)
+class Selection:
+    """What to measure."""
+
+    ops: tuple[str, ...]                        # op names (cases.SPECS) and end-to-end tasks
+    providers: tuple[str, ...] | None = None    # None: each case's default providers
+    dtypes: tuple[torch.dtype, ...] | None = None  # None: the device's default dtypes
+    quick: bool = False
 
 
-def _progress(total: int, desc: str):
-    try:
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
-    except ImportError:
-        return None
+ALL = tuple(op_cases.SPECS) + end_to_end.TASKS
 
 
-def run(device: str, *, quick: bool = False, ops: list[str] | None = None,
-        end_to_end_cases: bool = True) -> dict:
-    """Measure everything on ``device``; returns the results document."""
-    report = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        **_versions(),
-        "commit": _commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        # On a CPU the matmul ceiling is an fp32 product (bf16 is not the fast path there).
-    "ceilings": {"copy_GBps": copy_bandwidth_GBps(device), "bf16_TFLOPs": matmul_TFLOPs(device)},
-        "results": [],
-        "end_to_end": [],
-    }
-    pairs = op_cases.case_providers(device, list(op_cases.iter_cases(device, quick=quick, ops=ops)))
-    compiled: dict = {}
-    bar = _progress(len(pairs), "ops")
-    for case, provider in pairs:
-        ms = median_ms(case.runner(provider, compiled), device, rounds=3 if quick else 5)
+@dataclass(frozen=True)
+class Measurement:
+    section: str                   # the document's list its row joins
+    id: str
+    provider: str
+    measure: Callable[[], dict]    # runs it; returns the row
+
+
+def op_measurements(device: str, selection: Selection) -> Iterator[Measurement]:
+    ops = [op for op in selection.ops if op in op_cases.SPECS]
+    if not ops:
+        return
+    wanted = list(selection.providers) if selection.providers is not None else None
+    dtypes = list(selection.dtypes) if selection.dtypes is not None else None
+    cases = list(op_cases.iter_cases(device, quick=selection.quick, ops=ops, dtypes=dtypes))
+    compiled: dict = {}  # one torch.compile per case, shared by the fwd and fwd+bwd runs
+    rounds = 3 if selection.quick else 5
+
+    def measure(case: op_cases.Case, provider: str) -> dict:
+        ms = median_ms(case.runner(provider, compiled), device, rounds=rounds)
         seconds = ms / 1e3
-        report["results"].append({
+        row = {
             "op": case.op, "shape": list(case.shape), "dtype": str(case.dtype).removeprefix("torch."),
             "mode": case.mode, "layout": case.layout, "provider": provider, "median_ms": ms,
             "GBps": case.bytes / seconds / 1e9 if case.bytes else None,
             "TFLOPs": case.flops / seconds / 1e12 if case.flops else None,
-        })
-        if bar:
-            bar.update()
-    if bar:
-        bar.close()
-    if end_to_end_cases:
-        for case in end_to_end.iter_cases(device, quick=quick):
-            for provider in end_to_end.providers(device):
-                fn = end_to_end.runner(case, provider)
-                ms = median_ms(fn, device, rounds=2 if quick else 3)
-                report["end_to_end"].append({
-                    "task": case.task, "size": list(case.size), "batch": case.batch,
-                    "provider": provider, "median_ms": ms, "peak_mem_MB": peak_memory_mb(fn, device),
-                })
-    return report
+        }
+        if case.precision(provider) is not None:
+            row["precision"] = case.precision(provider)
+        return row
+
+    for case, provider in op_cases.case_providers(device, cases, wanted):
+        yield Measurement("results", case.id, provider, lambda c=case, p=provider: measure(c, p))
 
 
-def _fmt(value, spec=".3f") -> str:
-    return "-" if value is None else format(value, spec)
+def end_to_end_measurements(device: str, selection: Selection) -> Iterator[Measurement]:
+    tasks = [t for t in selection.ops if t in end_to_end.TASKS]
+    if not tasks:
+        return
+    wanted = list(selection.providers) if selection.providers is not None else None
+    dtypes = list(selection.dtypes) if selection.dtypes is not None else None
+    rounds = 2 if selection.quick else 3
+
+    def measure(case: end_to_end.EndToEndCase, provider: str) -> dict:
+        fn = end_to_end.runner(case, provider)
+        row = {"task": case.task, "size": list(case.size), "batch": case.batch, "provider": provider,
+               "median_ms": median_ms(fn, device, rounds=rounds), "peak_mem_MB": peak_memory_mb(fn, device)}
+        if end_to_end.precision_of(provider, device) is not None:
+            row["precision"] = end_to_end.precision_of(provider, device)
+        return row
+
+    for case in end_to_end.iter_cases(device, quick=selection.quick, tasks=tasks):
+        for provider in end_to_end.providers(device, wanted, dtypes):
+            yield Measurement("end_to_end", case.id, provider, lambda c=case, p=provider: measure(c, p))
 
 
-def format_table(report: dict) -> str:
-    """One line per (op, shape, dtype, mode): median ms per provider, fastperc's best speedup
-    over eager and over compile, and its GB/s or TFLOP/s as a fraction of the ceiling."""
-    rows: dict[tuple, dict] = {}
-    for r in report["results"]:
-        key = (r["op"], tuple(r["shape"]), r.get("layout", "nchw"), r["dtype"], r["mode"])
-        rows.setdefault(key, {})[r["provider"]] = r
-    providers = sorted({r["provider"] for r in report["results"]},
-                       key=lambda p: ["eager", "compile", "torch", "triton", "cuda"].index(p))
-    ceilings = report["ceilings"]
-    head = ["op", "shape", "layout", "dtype", "mode"] + [f"{p} ms" for p in providers] + \
-           ["x eager", "x compile", "best", "rate", "of ceiling"]
-    lines = [head]
-    for (op, shape, layout, dtype, mode), by_provider in rows.items():
-        fused = {p: r for p, r in by_provider.items() if p not in ("eager", "compile")}
-        best_name, best = min(fused.items(), key=lambda kv: kv[1]["median_ms"]) if fused else (None, None)
-        eager, comp = by_provider.get("eager"), by_provider.get("compile")
-        rate, fraction = "-", "-"
-        if best is not None and best["TFLOPs"]:
-            rate, fraction = f"{best['TFLOPs']:.3g} TF/s", f"{best['TFLOPs'] / ceilings['bf16_TFLOPs']:.0%}"
-        elif best is not None and best["GBps"]:
-            rate, fraction = f"{best['GBps']:.3g} GB/s", f"{best['GBps'] / ceilings['copy_GBps']:.0%}"
-        lines.append([op, "x".join(map(str, shape)), layout, dtype, mode]
-                     + [_fmt(by_provider[p]["median_ms"]) if p in by_provider else "-" for p in providers]
-                     + [_fmt(eager["median_ms"] / best["median_ms"], ".2f") if eager and best else "-",
-                        _fmt(comp["median_ms"] / best["median_ms"], ".2f") if comp and best else "-",
-                        best_name or "-", rate, fraction])
-    widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
-    text = [f"device {report['device']}, torch {report['torch']}, triton {report['triton']}, "
-            f"{report['date']}; ceilings: copy {report['ceilings']['copy_GBps']:.0f} GB/s, "
-            f"matmul {report['ceilings']['bf16_TFLOPs']:.3g} TFLOP/s"]
-    text += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in lines]
-    if report["end_to_end"]:
-        text.append("")
-        text.append("end to end: task, size, batch, provider, median ms, peak MB")
-        for r in report["end_to_end"]:
-            text.append(f"{r['task']:<11} {r['size'][0]}x{r['size'][1]:<6} {r['batch']:<3} "
-                        f"{r['provider']:<22} {r['median_ms']:10.2f} {_fmt(r['peak_mem_MB'], '.0f'):>8}")
-    return "\n".join(text)
+PLANS: tuple[Callable[[str, Selection], Iterator[Measurement]], ...] = (op_measurements, end_to_end_measurements)
+
+
+def _progress(desc: str):
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+
+        return tqdm(desc=desc, file=sys.stderr, leave=False)
+    except ImportError:
+        return None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
+def run(device: str, selection: Selection | None = None, *, deadline: float | None = None,
+        sink: JsonlWriter | None = None) -> dict:
+    """Measure ``selection`` (default: everything) on ``device``; returns the document.
+
+    ``deadline``: seconds from the start after which no measurement starts (the rest are
+    counted in ``not_started``). ``sink`` receives the meta line and every row as it is made.
+    An interrupt (Ctrl-C, SIGINT) ends the run early with what was measured."""
+    start = _clock()
+    selection = selection or Selection(ops=ALL)
+    document = new_document(device)
+    if sink is not None:
+        sink.write("meta", meta(document))
+    bar = _progress("bench")
+    try:
+        for plan in PLANS:
+            for m in plan(device, selection):
+                if deadline is not None and _clock() - start >= deadline:
+                    document["not_started"] += 1
+                    continue
+                try:
+                    section, row = m.section, m.measure()
+                except KeyboardInterrupt:
+                    raise
+                except Exception as exc:  # recorded; the other measurements still run
+                    section, row = "errors", {"section": m.section, "id": m.id, "provider": m.provider,
+                                              "error": _describe(exc)}
+                    print(f"fastperc bench: {m.id} on {m.provider} failed: {row['error']}", file=sys.stderr)
+                document[section].append(row)
+                if sink is not None:
+                    sink.write(section, row)
+                if bar is not None:
+                    bar.update()
+    except KeyboardInterrupt:
+        document["interrupted"] = True
+        print("fastperc bench: interrupted; the table and the JSON hold what was measured", file=sys.stderr)
+    finally:
+        if bar is not None:
+            bar.close()
+    return document
+
+
+class OptionError(ValueError):
+    """A bad option value: reported as one line, exit status 2."""
+
+
+def _names(values: list[str] | None, known: list[str], option: str) -> list[str] | None:
+    """Comma-separated (or space-separated) names, each one of ``known``; None if not given."""
+    if values is None:
+        return None
+    names: list[str] = []
+    for value in values:
+        for name in value.split(","):
+            name = name.strip()
+            if not name:
+                continue
+            if name not in known:
+                raise OptionError(f"{option}: unknown name {name!r} (expected a comma-separated list of "
+                                  f"{', '.join(known)})")
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise OptionError(f"{option}: expected a comma-separated list of {', '.join(known)}, got nothing")
+    return names
+
+
+def _deadline(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not seconds >= 0:  # NaN too
+        raise OptionError(f"--deadline: expected a number of seconds >= 0, got {value!r}")
+    return seconds
+
+
+def _writable(path: Path, option: str) -> None:
+    """Creates the parent folder; raises OptionError naming the path if it cannot be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        existed = path.exists()
+        with path.open("a"):
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as exc:
+        raise OptionError(f"{option}: cannot write {path} ({exc.strerror or exc})") from None
+
+
+def selection_from(args: argparse.Namespace) -> Selection:
+    ops = _names(args.ops, list(ALL), "--ops") or list(ALL)
+    if args.no_end_to_end:
+        ops = [op for op in ops if op not in end_to_end.TASKS]
+    providers = _names(args.providers, op_cases.known_providers(), "--providers")
+    dtypes = _names(args.dtypes, list(op_cases.DTYPES), "--dtypes")
+    return Selection(ops=tuple(ops), providers=None if providers is None else tuple(providers),
+                     dtypes=None if dtypes is None else tuple(op_cases.DTYPES[d] for d in dtypes),
+                     quick=args.quick)
+
+
+def _unavailable(device: str, selection: Selection) -> list[str]:
+    """The providers asked for that run no case of the selection here."""
+    if selection.providers is None:
+        return []
+    wanted = list(selection.providers)
+    runs = set()
+    for op in selection.ops:
+        if op in op_cases.SPECS:
+            runs.update(op_cases.providers(device, op_cases.SPECS[op], wanted))
+    if any(op in end_to_end.TASKS for op in selection.ops):
+        runs.update(end_to_end.op_provider(p, device) for p in end_to_end.providers(device, wanted))
+    return [p for p in wanted if p not in runs]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -142,22 +247,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when available, else cpu")
     parser.add_argument("--out", type=Path, default=None, help="write the results JSON here")
-    parser.add_argument("--ops", nargs="+", choices=list(op_cases.SPECS), default=None,
-                        help="only these ops (default: all)")
+    parser.add_argument("--ops", nargs="+", default=None, metavar="OP[,OP...]",
+                        help=f"only these ops and end-to-end tasks (default: all): {', '.join(ALL)}")
+    parser.add_argument("--providers", nargs="+", default=None, metavar="P[,P...]",
+                        help="only these providers: " + ", ".join(op_cases.known_providers())
+                             + " (default: eager, compile on CUDA, fastperc's native backends, the ops' competitors)")
+    parser.add_argument("--dtypes", nargs="+", default=None, metavar="D[,D...]",
+                        help="only these input dtypes: bf16, fp16, fp32, in this order (default: fp32, "
+                             "and bf16 on CUDA)")
     parser.add_argument("--no-end-to-end", action="store_true", help="skip the network benchmarks")
+    parser.add_argument("--deadline", default=None, metavar="SECONDS",
+                        help="start no measurement later than this after the start; what was measured "
+                             "is still reported (exit status 0)")
+    parser.add_argument("--jsonl", type=Path, default=None, metavar="FILE",
+                        help="also write every row to FILE as it is measured, one JSON object a line")
 
 
 def main(args: argparse.Namespace) -> int:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("fastperc bench: --device cuda asked for, but torch sees no CUDA device")
+    """``fastperc bench``; bad options end with one line on stderr and exit status 2."""
+    try:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise OptionError("--device cuda: torch sees no CUDA device")
+        selection = selection_from(args)
+        deadline = _deadline(args.deadline)
+        for path, option in ((args.out, "--out"), (args.jsonl, "--jsonl")):
+            if path is not None:
+                _writable(path, option)
+    except OptionError as exc:
+        print(f"fastperc bench: error: {exc}", file=sys.stderr)
+        return 2
+    for provider in _unavailable(device, selection):
+        print(f"fastperc bench: note: {provider} runs none of the selected cases on {device} here; "
+              "its rows are left out", file=sys.stderr)
+    sink = JsonlWriter(args.jsonl.open("w")) if args.jsonl is not None else None
+    try:
+        document = run(device, selection, deadline=deadline, sink=sink)
+    finally:
+        if sink is not None:
+            sink.close()
+    print(format_table(document))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(args.out.parent, os.W_OK):
-            raise SystemExit(f"fastperc bench: cannot write to {args.out.parent}")
-    report = run(device, quick=args.quick, ops=args.ops, end_to_end_cases=not args.no_end_to_end)
-    print(format_table(report))
-    if args.out is not None:
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        args.out.write_text(json.dumps(document, indent=1) + "\n")
         print(f"results written to {args.out}")
-    return 0
+    return 1 if document["errors"] else 0
