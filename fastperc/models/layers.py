@@ -2,12 +2,10 @@
 
 The fused-or-plain choice is made by the :mod:`fastperc.nn` modules inside them (their
 ``fused`` flag, set over a network with :func:`fastperc.nn.set_fused`); these layers only give
-the modules their place and state-dict keys, and :func:`run_fused_layout` is the networks'
-one layout rule.
+the modules their place and state-dict keys, and :class:`ImageNetwork` holds the networks'
+one input check and layout rule.
 """
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -68,11 +66,23 @@ class ResidualBlock(nn.Module):
         return self.in2(self.conv2(self.in1(self.conv1(x))), residual=x)
 
 
-def run_fused_layout(body: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, fused: bool) -> torch.Tensor:
-    """``body(x)``; a fused network on the CPU runs it in channels_last and returns the result
-    in x's layout. oneDNN runs most of these convolutions faster in channels_last (up to twice
-    on two cores) and the fused norms and upsampling convolutions take it in place; the plain
-    network stays in the caller's layout, as pytorch/examples runs it."""
-    if fused and x.device.type == "cpu" and natural_format(x) != torch.channels_last:
-        return body(x.contiguous(memory_format=torch.channels_last)).contiguous()
-    return body(x)
+class ImageNetwork(fnn.Fusable, nn.Module):
+    """A network from (N, 3, H, W) images to images, fused or plain (its ``fused`` flag and
+    that of every fastperc.nn module inside, set by :func:`fastperc.nn.set_fused`); a subclass
+    defines ``body``.
+
+    ``forward(x)`` is ``body(x)``, except that a fused network on the CPU runs it in
+    channels_last and returns the result in x's layout. oneDNN runs most of these
+    convolutions faster in channels_last (up to twice on two cores) and the fused norms and
+    upsampling convolutions take it in place; the plain network stays in the caller's layout,
+    as pytorch/examples runs it."""
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"x: expected images (N, 3, H, W), got shape {tuple(x.shape)}")
+        if self.fused and x.device.type == "cpu" and natural_format(x) != torch.channels_last:
+            return self.body(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        return self.body(x)

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from fastperc import nn as fnn
-from fastperc.models.layers import ConvLayer, ConvTransposeLayer, ResidualBlock, make_norm, run_fused_layout
+from fastperc.models.layers import ConvLayer, ConvTransposeLayer, ImageNetwork, ResidualBlock, make_norm
 
 SCALES = (4, 8)
 
 
-class SuperResolutionNet(fnn.Fusable, nn.Module):
+class SuperResolutionNet(ImageNetwork):
     """x4 / x8 single-image super-resolution network with batch norm (or instance norm).
 
     Args:
@@ -40,12 +40,7 @@ class SuperResolutionNet(fnn.Fusable, nn.Module):
         self.conv_out = ConvLayer(64, 3, 9, 1)
         fnn.set_fused(self, fused)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"x: expected images (N, 3, h, w), got shape {tuple(x.shape)}")
-        return run_fused_layout(self._forward, x, self.fused)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def body(self, x: torch.Tensor) -> torch.Tensor:
         y = self.in1(self.conv1(x))
         y = self.res(y)
         for conv, norm in zip(self.up, self.up_norm):

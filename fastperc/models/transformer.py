@@ -27,16 +27,15 @@ import os
 import re
 
 import torch
-from torch import nn
 
 from fastperc import nn as fnn
 from fastperc.checkpoints import load_state_dict_file
-from fastperc.models.layers import ConvLayer, ConvTransposeLayer, ResidualBlock, make_norm, run_fused_layout
+from fastperc.models.layers import ConvLayer, ConvTransposeLayer, ImageNetwork, ResidualBlock, make_norm
 
 VARIANTS = ("examples", "paper")
 
 
-class TransformerNet(fnn.Fusable, nn.Module):
+class TransformerNet(ImageNetwork):
     """Fast style transfer network (pytorch/examples layout; see the module docstring).
 
     Args:
@@ -70,12 +69,7 @@ class TransformerNet(fnn.Fusable, nn.Module):
         self.deconv3 = ConvLayer(32, 3, 9, 1)
         fnn.set_fused(self, fused)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"x: expected images (N, 3, H, W), got shape {tuple(x.shape)}")
-        return run_fused_layout(self._forward, x, self.fused)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def body(self, x: torch.Tensor) -> torch.Tensor:
         y = self.in1(self.conv1(x))
         y = self.in2(self.conv2(y))
         y = self.in3(self.conv3(y))
