@@ -10,9 +10,23 @@ from helpers import assert_close, make_input
 
 
 def _grads(module, x, grad_out):
+    x = x.clone().requires_grad_(True)
     y = module(x)
     y.backward(grad_out)
     return y, x.grad, {name: p.grad for name, p in module.named_parameters()}
+
+
+def _assert_same_outputs_and_gradients(ours, theirs, x):
+    """ours(x) equals theirs(x), and so do the gradients of x and of every parameter."""
+    with torch.no_grad():
+        grad_out = make_input(theirs(x).shape)
+    y0, dx0, dp0 = _grads(theirs, x, grad_out)
+    y1, dx1, dp1 = _grads(ours, x, grad_out)
+    assert_close(y1, y0, torch.float32, what="y")
+    assert_close(dx1, dx0, torch.float32, what="dx")
+    assert set(dp1) == set(dp0)
+    for name in dp0:
+        assert_close(dp1[name], dp0[name], torch.float32, what=name)
 
 
 @pytest.mark.parametrize("fused_op", [True, False], ids=["fused", "plain"])
@@ -23,14 +37,7 @@ def test_upsample_conv2d_loads_pytorch_examples_layer(layout, fused_op):
     fused = UpsampleConv2d(5, 3, fused=fused_op)
     assert set(fused.state_dict()) == set(examples.state_dict()) == {"conv2d.weight", "conv2d.bias"}
     fused.load_state_dict(examples.state_dict())
-    x = make_input((2, 5, 3, 4), layout=layout)
-    grad_out = make_input((2, 3, 6, 8))
-    y0, dx0, dp0 = _grads(examples, x.clone().requires_grad_(True), grad_out)
-    y1, dx1, dp1 = _grads(fused, x.clone().requires_grad_(True), grad_out)
-    assert_close(y1, y0, torch.float32, what="y")
-    assert_close(dx1, dx0, torch.float32, what="dx")
-    for name in dp0:
-        assert_close(dp1[name], dp0[name], torch.float32, what=name)
+    _assert_same_outputs_and_gradients(fused, examples, make_input((2, 5, 3, 4), layout=layout))
     # Its own state dict goes back into the pytorch/examples layer.
     examples.load_state_dict(fused.state_dict())
 
@@ -62,13 +69,7 @@ def test_conv_transpose2d_is_an_nn_conv_transpose2d(bias, fused_op):
     assert set(fused.state_dict()) == set(plain.state_dict())
     fused.load_state_dict(plain.state_dict())
     x = make_input((2, 5, 3, 4), layout="channels_last")
-    grad_out = make_input((2, 3, 6, 8))
-    y0, dx0, dp0 = _grads(plain, x.clone().requires_grad_(True), grad_out)
-    y1, dx1, dp1 = _grads(fused, x.clone().requires_grad_(True), grad_out)
-    assert_close(y1, y0, torch.float32, what="y")
-    assert_close(dx1, dx0, torch.float32, what="dx")
-    for name in dp0:
-        assert_close(dp1[name], dp0[name], torch.float32, what=name)
+    _assert_same_outputs_and_gradients(fused, plain, x)
     assert fused(x, output_size=[6, 8]).shape == (2, 3, 6, 8)
     with pytest.raises(ValueError, match="output_size"):
         fused(x, output_size=[5, 7])
