@@ -14,14 +14,16 @@ import signal
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from fastperc.commands.images import InputError, check_image_header, is_image_file, load_image, resize_crop, to_tensor
+from fastperc.commands.errors import InputError
+from fastperc.commands.images import check_image_header, is_image_file, load_image, resize_crop, to_tensor
 
 
 def scan_images(root: str | os.PathLike) -> tuple[list[str], list[str]]:
     """(readable image files under ``root``, one message per unreadable one).
 
-    Image files are recognised by extension (``fastperc.commands.images.IMAGE_EXTENSIONS``); other files
-    are ignored. Each image's header is checked (cheaply, without decoding the pixels)."""
+    Image files are recognised by extension (``IMAGE_EXTENSIONS`` of
+    :mod:`fastperc.commands.images`); other files are ignored. Each image's header is checked
+    (cheaply, without decoding the pixels)."""
     root = os.fspath(root)
     if not os.path.isdir(root):
         what = "is not a directory" if os.path.exists(root) else "no such directory"

@@ -29,11 +29,14 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from fastperc.commands.images import InputError, load_image, save_image, to_tensor
-from fastperc.models.vgg import IMAGENET_URL, imagenet_weights_path
-from fastperc.commands.optimize import build_objective, evaluate, load_style
+from fastperc.commands.common import build_objective, load_style
+from fastperc.commands.errors import InputError
+from fastperc.commands.images import load_image, save_image, to_tensor
+from fastperc.commands.optimize import evaluate
 from fastperc.commands.stylize import Stylizer, load_model
-from fastperc.commands.train import LOG, MODEL, PLOT, train
+from fastperc.commands.train import train
+from fastperc.commands.training import LOG, MODEL, PLOT
+from fastperc.models.vgg import IMAGENET_URL, imagenet_weights_path
 
 DEFAULTS = {"steps": 30, "images": 16, "image_size": 64, "batch_size": 4, "lr": 5e-3, "seed": 0}
 

@@ -2,8 +2,7 @@
 
 Images are tensors of shape (3, H, W) (or (N, 3, H, W)), float32, values in [0, 255]: the
 range of ``TransformerNet``. Every failure caused by the user's files is an
-:class:`InputError` whose message names the file; the command prints it as one line and exits
-with code 2.
+:class:`~fastperc.commands.errors.InputError` whose message names the file.
 """
 from __future__ import annotations
 
@@ -15,13 +14,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from fastperc.commands.errors import InputError, describe_error
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",
                     ".ppm", ".pgm", ".pbm", ".pnm")
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv")
-
-
-class InputError(Exception):
-    """Bad input from the user (a file, a folder, an option): reported as one line, exit code 2."""
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
@@ -30,12 +27,6 @@ def is_image_file(path: str | os.PathLike) -> bool:
 
 def is_video_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in VIDEO_EXTENSIONS
-
-
-def describe_error(exc: BaseException, limit: int | None = 200) -> str:
-    """The first line of an exception's message (or its type), for one-line errors."""
-    text = getattr(exc, "strerror", None) or str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:limit]
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -12,8 +12,8 @@ for y_c: together they reproduce the paper's Figure 5 comparison.
 """
 from __future__ import annotations
 
+import argparse
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -21,61 +21,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fastperc.commands.images import (InputError, check_image_output, check_writable_dir, describe_error, load_image,
-                             resize_longer, save_image, to_tensor)
+from fastperc.commands.common import (RANGE, add_device_option, add_loss_options, build_objective, load_style,
+                                      resolve_device)
+from fastperc.commands.errors import InputError, describe_error
+from fastperc.commands.images import check_image_output, check_writable_dir, load_image, save_image, to_tensor
 from fastperc.losses import PerceptualLoss
-
-RANGE = 255.0  # TransformerNet's image range; the loss sees the same images the network makes
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """``name`` as a torch.device (default: cuda when present, else cpu), checked."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise InputError(f"--device: not a device name: {name!r} (use cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise InputError(f"--device {name}: only cpu and cuda are supported")
-    return device
-
-
-def vgg_weights_arg(value: str | None) -> str | None:
-    """--vgg-weights: "imagenet", "random" (None: random initialisation) or a path."""
-    if value is None or value == "imagenet":
-        return "imagenet"
-    if value == "random":
-        return None
-    return value
-
-
-def build_objective(preset: str | None = None, content_weight: float | None = None,
-                    style_weight: float | None = None, tv_weight: float | None = None,
-                    vgg_weights: str | None = "imagenet") -> PerceptualLoss:
-    """The equation-5 loss on images in [0, 255], with the user's VGG weights and lambdas.
-
-    ``vgg_weights``: "imagenet", "random" or a path. Weight files that are missing or are not
-    VGG-16 checkpoints, and a missing ImageNet download, are InputErrors."""
-    for name, value in (("--content-weight", content_weight), ("--style-weight", style_weight),
-                        ("--tv-weight", tv_weight)):
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise InputError(f"{name}: expected a finite number >= 0, got {value}")
-    try:
-        return PerceptualLoss(content_weight=content_weight, style_weight=style_weight, tv_weight=tv_weight,
-                              weights=vgg_weights_arg(vgg_weights), input_range=RANGE, preset=preset)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        raise InputError(describe_error(exc, limit=None)) from None
-
-
-def load_style(path: str | os.PathLike, style_size: int | None) -> torch.Tensor:
-    """The style image as (1, 3, h, w) in [0, 255], its longer side resized to ``style_size``."""
-    img = load_image(path, what="style image")
-    if style_size:
-        img = resize_longer(img, style_size)
-    return to_tensor(img).unsqueeze(0)
 
 
 def evaluate(loss_fn: PerceptualLoss, image: torch.Tensor, content: torch.Tensor) -> dict[str, float]:
@@ -165,3 +115,54 @@ def optimize(content_path: str, style_path: str, out: str, *, iterations: int = 
         raise InputError(f"{json_path}: cannot write ({describe_error(exc)})") from None
     return record
 
+
+def _equation5_options(p: argparse.ArgumentParser) -> None:
+    """The inputs and settings of the equation-5 objective: optimize and objective."""
+    p.add_argument("--content", required=True, metavar="IMAGE", help="the content image")
+    p.add_argument("--style", required=True, metavar="IMAGE", help="the style image")
+    p.add_argument("--style-size", type=int, default=256,
+                   help="longer side of the style image; use the training run's (default 256)")
+    add_loss_options(p)
+    add_device_option(p)
+
+
+def _loss_kwargs(args: argparse.Namespace) -> dict:
+    return {"preset": args.preset, "content_weight": args.content_weight, "style_weight": args.style_weight,
+            "tv_weight": args.tv_weight, "vgg_weights": args.vgg_weights}
+
+
+def _run_optimize(args: argparse.Namespace) -> int:
+    record = optimize(args.content, args.style, args.out, iterations=args.iterations, json_path=args.json,
+                      style_size=args.style_size, seed=args.seed, device=args.device, **_loss_kwargs(args))
+    print(f"objective after {record['iterations']} iterations: {record['history'][-1]['objective']:.6g} "
+          f"(image {record['image']}, per-iteration log {record['log']})")
+    return 0
+
+
+def _run_objective(args: argparse.Namespace) -> int:
+    values = objective(args.content, args.style, args.image, style_size=args.style_size, device=args.device,
+                       **_loss_kwargs(args))
+    print(json.dumps({"image": args.image, **values}))
+    return 0
+
+
+def register(sub) -> None:
+    """``fastperc optimize`` and ``fastperc objective``: their options, on the command's subparsers."""
+    o = sub.add_parser("optimize", help="the optimisation baseline (Gatys et al.): L-BFGS on the image",
+                       description="Minimise the paper's equation 5 over the image with L-BFGS from white "
+                                   "noise, clipping to [0, 255] each iteration; writes the image and the "
+                                   "objective per iteration as JSON.")
+    _equation5_options(o)
+    o.add_argument("--out", required=True, metavar="OUT", help="output image")
+    o.add_argument("--iterations", type=int, default=500, help="L-BFGS iterations (default 500, the paper's)")
+    o.add_argument("--json", metavar="PATH", help="objective per iteration (default: OUT with .json)")
+    o.add_argument("--seed", type=int, default=0, help="seed of the white-noise start (default 0)")
+    o.set_defaults(func=_run_optimize)
+
+    b = sub.add_parser("objective", help="print the equation-5 objective of an image",
+                       description="Print, as JSON, the paper's equation-5 objective (and its parts) of IMAGE "
+                                   "for the content and style images: compare a network's output with the "
+                                   "optimisation baseline's log.")
+    _equation5_options(b)
+    b.add_argument("image", metavar="IMAGE", help="the image to score (same size as the content image)")
+    b.set_defaults(func=_run_objective)

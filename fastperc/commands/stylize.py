@@ -13,6 +13,7 @@ not copied).
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import math
 import os
@@ -24,12 +25,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fastperc.checkpoints import load_state_dict_file
-from fastperc.commands.images import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, InputError, check_image_header,
-                             check_image_output, check_writable_dir, describe_error, is_image_file, is_video_file,
-                             load_image, save_image, to_tensor, to_uint8)
-from fastperc.models.transformer import TransformerNet
-from fastperc.commands.optimize import resolve_device
-from fastperc.commands.train import AMP_DTYPES
+from fastperc.commands.common import AMP_DTYPES, add_device_option, resolve_device
+from fastperc.commands.errors import InputError, describe_error
+from fastperc.commands.images import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, check_image_header, check_image_output,
+                                      check_writable_dir, is_image_file, is_video_file, load_image, save_image,
+                                      to_tensor, to_uint8)
+from fastperc.models import TransformerNet
 
 MIN_SIZE = 8  # smaller images do not survive the network's reflection padding
 
@@ -243,3 +244,25 @@ def stylize(model: str, inputs: list[str], out: str, *, device: str | None = Non
     print(f"stylized {' and '.join(parts)}: {where}")
     read.report_skipped()
     return 0
+
+
+def register(sub) -> None:
+    """``fastperc stylize``: its options, on the command's subparsers."""
+    s = sub.add_parser("stylize", help="apply a trained network to images, folders or videos",
+                       description="Stylise images, folders (recursively) and videos with a trained model. "
+                                   "Outputs have the size of their inputs.")
+    s.add_argument("--model", required=True, help="model.pth, checkpoint.pt or a pytorch/examples model")
+    s.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, video files or folders")
+    s.add_argument("--out", required=True, metavar="OUT",
+                   help="output image (or video) for one input file, else an output folder")
+    add_device_option(s)
+    s.add_argument("--amp", choices=list(AMP_DTYPES), default="off", help="mixed precision (default off)")
+    s.add_argument("--batch-size", type=int, default=4, help="images or frames per forward pass (default 4)")
+    s.add_argument("--scale", type=float, default=1.0,
+                   help="run the network on the input resized by this factor, then resize back (default 1)")
+    s.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    return stylize(args.model, args.inputs, args.out, device=args.device, amp=args.amp,
+                   batch_size=args.batch_size, scale=args.scale)

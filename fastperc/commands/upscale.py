@@ -3,6 +3,7 @@ et al. 2016, section 4.2, with the low-resolution inputs made by :func:`fastperc
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -13,20 +14,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fastperc.checkpoints import load_state_dict_file
+from fastperc.commands.common import add_device_option, resolve_device
 from fastperc.commands.data import scan_images
+from fastperc.commands.errors import InputError, describe_error
+from fastperc.commands.images import check_writable_dir, is_video_file, load_image, save_image, to_tensor
+from fastperc.commands.stylize import ReadImages, plan
 from fastperc.degradation import degrade
-from fastperc.commands.images import InputError, check_writable_dir, describe_error, is_video_file, load_image, save_image, to_tensor
 from fastperc.metrics import SSIM_WINDOW, psnr, ssim
-from fastperc.models.superres import SuperResolutionNet
-from fastperc.commands.optimize import resolve_device
+from fastperc.models import SuperResolutionNet
 
 SCALES = (4, 8)  # the factors of SuperResolutionNet
 MIN_LR_SIZE = 5  # smaller inputs do not survive the network's 9x9 reflection padding
-
-
-# ---------------------------------------------------------------------------------------------
-# The commands: fastperc upscale and fastperc sr-eval.
-# ---------------------------------------------------------------------------------------------
 
 def load_sr_model(path: str | os.PathLike) -> SuperResolutionNet:
     """A SuperResolutionNet with the weights of ``path`` (a state dict or a fastperc training
@@ -75,8 +73,6 @@ def upscale(model: str, inputs: list[str], out: str, *, match_hist: bool = False
             progress: bool = True) -> int:
     """Run ``fastperc upscale``: every input image (files or folders) upscaled by the model's
     factor; with ``match_hist`` each output's colour histogram is matched to its input's."""
-    from fastperc.commands.stylize import ReadImages, plan
-
     if not inputs:
         raise InputError("no INPUT given (image files or folders)")
     dev = resolve_device(device)
@@ -192,3 +188,37 @@ def sr_eval(model: str, hr_dir: str, scale: int, *, out: str | None = None, devi
         except OSError as exc:
             raise InputError(f"{out}: cannot write results ({describe_error(exc)})") from None
     return result
+
+
+def register(sub) -> None:
+    """``fastperc upscale`` and ``fastperc sr-eval``: their options, on the command's subparsers."""
+    u = sub.add_parser("upscale", help="super-resolve images with a trained SuperResolutionNet",
+                       description="Upscale images and folders (recursively) by the model's factor (x4 or x8).")
+    u.add_argument("--model", required=True, help="a SuperResolutionNet state dict or training checkpoint")
+    u.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    u.add_argument("--out", required=True, metavar="OUT", help="output image for one input file, else a folder")
+    u.add_argument("--match-histogram", action="store_true",
+                   help="match each output's colour histogram to its input's")
+    add_device_option(u)
+    u.set_defaults(func=_run_upscale)
+
+    e = sub.add_parser("sr-eval", help="mean PSNR and SSIM of a super-resolution model (or bicubic)",
+                       description="Degrade every image under --hr-dir as the paper does (Gaussian blur sigma 1, "
+                                   "bicubic downsampling), upscale it, and report mean PSNR and SSIM on the Y "
+                                   "channel with a border of --scale pixels removed.")
+    e.add_argument("--model", required=True, metavar="MODEL|bicubic",
+                   help="a SuperResolutionNet file, or bicubic for the bicubic-interpolation baseline")
+    e.add_argument("--hr-dir", required=True, metavar="DIR", help="folder of high-resolution images")
+    e.add_argument("--scale", type=int, default=4, help="4 or 8 (default 4)")
+    e.add_argument("--out", metavar="JSON", help="also write the results as JSON")
+    add_device_option(e)
+    e.set_defaults(func=_run_sr_eval)
+
+
+def _run_upscale(args: argparse.Namespace) -> int:
+    return upscale(args.model, args.inputs, args.out, match_hist=args.match_histogram, device=args.device)
+
+
+def _run_sr_eval(args: argparse.Namespace) -> int:
+    sr_eval(args.model, args.hr_dir, args.scale, out=args.out, device=args.device)
+    return 0
