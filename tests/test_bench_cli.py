@@ -50,10 +50,15 @@ def test_every_row_is_streamed_to_the_jsonl_file(tmp_path, capsys):
     lines = [json.loads(line) for line in stream.read_text().splitlines()]
     assert lines[0]["section"] == "meta" and "ceilings" in lines[0]
     doc = json.loads(out.read_text())
-    assert report.read_jsonl(stream)["results"] == doc["results"]
+    assert [d["results"] for d in report.read_jsonl(stream)] == [doc["results"]]
     assert {r["provider"] for r in doc["results"]} == {"torch"}
-    assert {r["op"] for r in doc["results"]} == {"feature_loss", "tv_loss"}
+    assert [r["op"] for r in doc["results"]] == ["feature_loss"] * 2 + ["tv_loss"] * 2  # the order of --ops
     assert doc["end_to_end"] == []  # --ops named no end-to-end task
+    # A second run appends its own document.
+    code, _, _ = _bench(["bench", "--quick", "--ops", "tv_loss", "--providers", "eager", "--jsonl", stream], capsys)
+    first, second = report.read_jsonl(stream)
+    assert code == 0 and first["results"] == doc["results"]
+    assert {(r["op"], r["provider"]) for r in second["results"]} == {("tv_loss", "eager")}
 
 
 def test_a_row_cut_off_mid_write_is_dropped(tmp_path):
@@ -61,7 +66,7 @@ def test_a_row_cut_off_mid_write_is_dropped(tmp_path):
     path.write_text(json.dumps({"section": "meta", "device": "cpu", "ceilings": {"copy_GBps": 1.0}}) + "\n"
                     + json.dumps({"section": "results", "op": "gram", "median_ms": 1.0}) + "\n"
                     + '{"section": "results", "op": "gr')
-    doc = report.read_jsonl(path)
+    [doc] = report.read_jsonl(path)
     assert doc["device"] == "cpu" and doc["results"] == [{"op": "gram", "median_ms": 1.0}]
 
 
@@ -76,7 +81,8 @@ def test_no_measurement_starts_after_the_deadline(tmp_path, capsys, monkeypatch)
     doc = json.loads(out.read_text())
     total = len(cases.case_providers("cpu", list(cases.iter_cases("cpu", quick=True, ops=["feature_loss", "tv_loss"]))))
     assert len(doc["results"]) == 1 and doc["not_started"] == total - 1
-    assert len(report.read_jsonl(stream)["results"]) == 1
+    [streamed] = report.read_jsonl(stream)
+    assert len(streamed["results"]) == 1 and streamed["not_started"] == total - 1
     assert "feature_loss" in table and f"not started (deadline): {total - 1}" in table
 
 

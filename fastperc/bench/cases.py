@@ -292,12 +292,11 @@ def iter_cases(device: str, *, quick: bool = False, ops: list[str] | None = None
     """Every case to run on ``device``; small shapes on a CPU or with ``quick``.
 
     Ordered for a run that a deadline may cut: by dtype (in the order given; default
-    :func:`dtypes_for`), then one shape of every op before the second shape of any."""
+    :func:`dtypes_for`), then one shape of every op (in the order of ``ops``; default SPECS)
+    before the second shape of any."""
     small = quick or device != "cuda"
-    shapes = {}
-    for name, spec in SPECS.items():
-        if ops is None or name in ops:
-            shapes[name] = list(scaled(spec.shapes, small).items())[:1 if quick else None]
+    shapes = {name: list(scaled(SPECS[name].shapes, small).items())[:1 if quick else None]
+              for name in (ops if ops is not None else SPECS)}
     depth = max((len(v) for v in shapes.values()), default=0)
     for dtype in dtypes or dtypes_for(device):
         for rank in range(depth):

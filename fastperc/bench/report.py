@@ -18,7 +18,9 @@ adds ``tests`` {passed, failed, errors, skipped} of its CUDA test run and ``phas
 The streamed form (``fastperc bench --jsonl FILE``): one JSON object per line, each flushed as
 it is written, so that a run cut at any moment leaves every row it measured:
 ``{"section": "meta", <every field above but the row lists>}`` first, then one
-``{"section": S, **row}`` per row, S one of "results", "end_to_end", "errors".
+``{"section": S, **row}`` per row, S one of "results", "end_to_end", "errors", and last, if
+the run got to its end, ``{"section": "end", "not_started": n[, "interrupted": true]}``. Runs
+append to the file, each starting with its meta line.
 """
 from __future__ import annotations
 
@@ -89,10 +91,10 @@ class JsonlWriter:
         self.stream.close()
 
 
-def read_jsonl(path: Path) -> dict | None:
-    """The document a streamed file holds (None if it holds no meta line). A last line cut off
+def read_jsonl(path: Path) -> list[dict]:
+    """The documents a streamed file holds, one per run that appended to it. A line cut off
     mid-write (the run was killed) is dropped."""
-    document = None
+    documents: list[dict] = []
     for line in Path(path).read_text().splitlines():
         try:
             record = json.loads(line)
@@ -100,11 +102,12 @@ def read_jsonl(path: Path) -> dict | None:
             continue
         section = record.pop("section", None)
         if section == "meta":
-            document = {**record, **{s: [] for s in SECTIONS}}
-            document.setdefault("not_started", 0)
-        elif document is not None and section in SECTIONS:
-            document[section].append(record)
-    return document
+            documents.append({"not_started": 0, **record, **{s: [] for s in SECTIONS}})
+        elif documents and section in SECTIONS:
+            documents[-1][section].append(record)
+        elif documents and section == "end":
+            documents[-1].update(record)
+    return documents
 
 
 def merge(documents: list[dict]) -> dict:

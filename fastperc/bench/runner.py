@@ -12,7 +12,8 @@ A provider asked for that cannot run here (cuda without its extension, say) is l
 note. With ``--deadline`` no measurement starts later than SECONDS after the start; what was
 measured still goes to the table and the JSON, and the exit status is 0. A measurement that
 raises is recorded under ``errors`` and the run goes on (exit status 1 at the end). ``--jsonl``
-streams every row as it is measured. The document's fields: fastperc.bench.report.
+appends every row to a file as it is measured (each run starts with its meta line). The
+document's fields: fastperc.bench.report.
 
 A new kind of row (the host-cost rows, say) is one more plan in ``PLANS``: a function from
 the device and the selection to measurements.
@@ -165,6 +166,8 @@ def run(device: str, selection: Selection | None = None, *, deadline: float | No
     finally:
         if bar is not None:
             bar.close()
+    if sink is not None:
+        sink.write("end", {k: document[k] for k in ("not_started", "interrupted") if k in document})
     return document
 
 
@@ -260,7 +263,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start no measurement later than this after the start; what was measured "
                              "is still reported (exit status 0)")
     parser.add_argument("--jsonl", type=Path, default=None, metavar="FILE",
-                        help="also write every row to FILE as it is measured, one JSON object a line")
+                        help="also append every row to FILE as it is measured, one JSON object a line")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -280,7 +283,7 @@ def main(args: argparse.Namespace) -> int:
     for provider in _unavailable(device, selection):
         print(f"fastperc bench: note: {provider} runs none of the selected cases on {device} here; "
               "its rows are left out", file=sys.stderr)
-    sink = JsonlWriter(args.jsonl.open("w")) if args.jsonl is not None else None
+    sink = JsonlWriter(args.jsonl.open("a")) if args.jsonl is not None else None
     try:
         document = run(device, selection, deadline=deadline, sink=sink)
     finally:
