@@ -45,6 +45,11 @@ def _relu_then_add(y: Tensor, relu: bool, residual: Tensor | None) -> Tensor:
     return y if residual is None else y + residual
 
 
+def _per_channel(t: Tensor) -> Tensor:
+    """A (C,) or (N, C) parameter, broadcastable over (N, C, H, W)."""
+    return t.reshape(-1 if t.dim() == 2 else 1, t.shape[-1], 1, 1)
+
+
 class InstanceNorm2d(Fusable, nn.InstanceNorm2d):
     """``nn.InstanceNorm2d`` (affine by default) with the fused ReLU and residual add.
 
@@ -53,7 +58,11 @@ class InstanceNorm2d(Fusable, nn.InstanceNorm2d):
     block: ``InstanceNorm2d(c)(conv2(h), residual=x)``). Parameters ``weight`` and ``bias``
     (absent with ``affine=False``) are those of ``nn.InstanceNorm2d(c, affine=True)``; running
     statistics are not tracked (``track_running_stats=False``, as in the style networks).
-    ``fused=False``: ``nn.InstanceNorm2d.forward``, ``F.relu`` and ``+``.
+    ``forward(x, residual, weight=w, bias=b)`` uses ``w``, ``b`` instead of the module's own γ,
+    β for that call (each (C,) or (N, C): one scale and shift per sample, the rows of a style
+    table in conditional instance norm); one left None keeps the module's.
+    ``fused=False``: ``nn.InstanceNorm2d.forward``, ``F.relu`` and ``+`` (with a given weight
+    or bias: the unscaled ``F.instance_norm``, then ``· γ + β``).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, *,
@@ -62,10 +71,21 @@ class InstanceNorm2d(Fusable, nn.InstanceNorm2d):
                          device=device, dtype=dtype)
         self.relu, self.fused = relu, fused
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None, *, weight: Tensor | None = None,
+                bias: Tensor | None = None) -> Tensor:
+        given = weight is not None or bias is not None
+        weight = self.weight if weight is None else weight
+        bias = self.bias if bias is None else bias
         if self.fused:
-            return instance_norm(x, self.weight, self.bias, self.eps, relu=self.relu, residual=residual)
-        return _relu_then_add(super().forward(x), self.relu, residual)
+            return instance_norm(x, weight, bias, self.eps, relu=self.relu, residual=residual)
+        if not given:
+            return _relu_then_add(super().forward(x), self.relu, residual)
+        y = F.instance_norm(x, eps=self.eps)
+        if weight is not None:
+            y = y * _per_channel(weight)
+        if bias is not None:
+            y = y + _per_channel(bias)
+        return _relu_then_add(y, self.relu, residual)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, relu={self.relu}, fused={self.fused}"

@@ -148,6 +148,9 @@ def tv_loss_backward(grad: torch.Tensor, x: torch.Tensor, p: int, reduction: str
 #   mean: (2, G, C), a double-float: mean[0] + mean[1] is μ, mean[0] is μ rounded to A, so
 #         that x − μ = (x − mean[0]) − mean[1] stays exact when |μ| ≫ σ;
 #   rstd: (G, C) = 1/√(σ² + ε) (instance norm, G = N); var: (C,) = σ² (batch norm, G = 1).
+# Instance norm's γ and β are (C,) or (N, C) (one scale and shift per sample and channel: the
+# conditional instance norm of multi-style networks), each independently; their gradients have
+# the shape of the parameter. Batch norm's are (C,).
 
 
 def _norm_dims(per_sample: bool) -> tuple[int, ...]:
@@ -155,7 +158,8 @@ def _norm_dims(per_sample: bool) -> tuple[int, ...]:
 
 
 def _as_channel(t: torch.Tensor | None, per_sample: bool) -> torch.Tensor | None:
-    """(C,), (G, C) or (2, G, C)[i] statistics/parameters -> broadcastable over (N, C, H, W)."""
+    """(C,), (G, C) or (2, G, C)[i] statistics/parameters -> broadcastable over (N, C, H, W)
+    (a (G, C) tensor per sample where ``per_sample``)."""
     if t is None:
         return None
     t = t.double()
@@ -192,9 +196,11 @@ def instance_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: tor
                   eps: float = 1e-5, relu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
     """Instance normalisation, then ReLU if ``relu``, then + ``residual``.
 
-    x: (N, C, H, W); weight γ, bias β: (C,) or None (1 and 0); residual: like x or None.
+    x: (N, C, H, W); weight γ, bias β: (C,), (N, C) (per sample: γ[n,c], β[n,c]) or None
+    (1 and 0); residual: like x or None.
         μ[n,c] = mean_{h,w} x[n,c],  σ²[n,c] = mean_{h,w} (x[n,c] − μ[n,c])²
-        y = relu?(γ[c] (x − μ[n,c]) / √(σ²[n,c] + ε) + β[c]) (+ residual)     -> x's dtype
+        y = relu?(γ (x − μ[n,c]) / √(σ²[n,c] + ε) + β) (+ residual)     -> x's dtype
+    with γ = γ[c] or γ[n,c], β likewise.
     Differentiable by autograd (the tests' oracle for the backward).
     """
     return instance_norm_forward(x, weight, bias, residual, eps, relu)[0]
@@ -250,7 +256,8 @@ def _norm_backward(dy, x, weight, bias, mean, rstd, relu: bool, per_sample: bool
         A   = Σ g,  B = Σ g x̂   (per statistic, over its M elements)
         dx  = γ rstd (g − A/M − x̂ B/M)   (centred: μ, σ² are statistics of x)
             = γ rstd g                    (otherwise: running statistics are constants)
-        dγ  = Σ_{n,h,w} g x̂,  dβ = Σ_{n,h,w} g;  d residual = dy.
+        dγ  = Σ_{n,h,w} g x̂,  dβ = Σ_{n,h,w} g  (Σ_{h,w} for a per-sample (N, C) γ or β);
+        d residual = dy.
     """
     dims = _norm_dims(per_sample)
     mu = _as_channel(mean[0], per_sample) + _as_channel(mean[1], per_sample)
@@ -269,11 +276,20 @@ def _norm_backward(dy, x, weight, bias, mean, rstd, relu: bool, per_sample: bool
     else:
         dx = gamma * r * g
     acc = acc_dtype(x.dtype)
-    return (_like(x, dx), (g * xhat).sum(dim=(0, 2, 3)).to(acc), g.sum(dim=(0, 2, 3)).to(acc))
+    return (_like(x, dx), _param_grad(g * xhat, weight).to(acc), _param_grad(g, bias).to(acc))
+
+
+def _param_grad(terms: torch.Tensor, param: torch.Tensor | None) -> torch.Tensor:
+    """Σ of the (N, C, H, W) ``terms`` in the shape of ``param``: (N, C) for a per-sample
+    parameter, else (C,)."""
+    if param is not None and param.dim() == 2:
+        return terms.sum(dim=(2, 3))
+    return terms.sum(dim=(0, 2, 3))
 
 
 def instance_norm_backward(dy, x, weight, bias, mean, rstd, relu: bool):
-    """Backend signature: -> (dx in x's dtype and layout, dweight (C,), dbias (C,) in A)."""
+    """Backend signature: -> (dx in x's dtype and layout, dweight, dbias in A, each (C,) or,
+    for a per-sample (N, C) parameter, (N, C))."""
     return _norm_backward(dy, x, weight, bias, mean, rstd, relu, True, True)
 
 

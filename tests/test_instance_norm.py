@@ -314,7 +314,7 @@ _X = torch.randn(2, 3, 4, 5)
         ((torch.ones(2, 3, 4, 5, dtype=torch.int32),), {}, TypeError, "x: expected a floating-point"),
         ((_X, torch.randn(4)), {}, ValueError, r"weight: expected shape \(3,\).*got \(4,\)"),
         ((_X, None, torch.randn(2)), {}, ValueError, r"bias: expected shape \(3,\).*got \(2,\)"),
-        ((_X, torch.randn(3, 1)), {}, ValueError, "weight: expected a 1-D tensor"),
+        ((_X, torch.randn(3, 1)), {}, ValueError, r"weight: expected shape \(3,\) or \(2, 3\).*got \(3, 1\)"),
         ((_X,), {"residual": torch.randn(2, 3, 4, 6)}, ValueError, r"residual: expected the shape of x"),
         ((_X,), {"residual": torch.randn(2, 3, 4, 5, dtype=torch.float64)}, TypeError,
          "residual: expected the dtype of x"),

@@ -12,6 +12,10 @@ Custom ops (``torch.ops.fastperc.*``), all functional (they mutate nothing):
   backend) -> (y, mean, var)``
 * their ``*_backward`` ops ``-> (dx, dweight, dbias)``.
 
+Instance norm's ``weight`` and ``bias`` are each (C,) or (N, C): one scale and shift per
+sample and channel (conditional instance norm), a (C,) and an (N, C) one may be mixed; each
+gradient has its parameter's shape. Batch norm's are (C,).
+
 ``mean`` (2, G, C) is the double-float mean (``mean[0] + mean[1]``), ``rstd``/``var`` (G, C),
 all in the accumulation dtype (float32; float64 for float64 inputs); G = N for instance norm,
 1 for batch norm. They are what the backward needs: it recomputes the ReLU mask from x and
@@ -62,9 +66,14 @@ def _fake_outputs(x: Tensor, groups: int) -> tuple[Tensor, Tensor, Tensor]:
     return (torch.empty_like(x), x.new_empty((2, groups, c), dtype=acc), x.new_empty((groups, c), dtype=acc))
 
 
-def _fake_grads(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _fake_grads(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """dx like x; dweight, dbias shaped as their parameter ((C,) where it is None), in A."""
     acc = acc_dtype(x.dtype)
-    return torch.empty_like(x), x.new_empty((x.shape[1],), dtype=acc), x.new_empty((x.shape[1],), dtype=acc)
+
+    def grad(p: Tensor | None) -> Tensor:
+        return x.new_empty(p.shape if p is not None else (x.shape[1],), dtype=acc)
+
+    return torch.empty_like(x), grad(weight), grad(bias)
 
 
 # -- instance norm -------------------------------------------------------------------------
@@ -84,13 +93,14 @@ def _(x, weight, bias, residual, eps, relu, backend):
 @torch.library.custom_op("fastperc::instance_norm_backward", mutates_args=())
 def instance_norm_backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                               mean: Tensor, rstd: Tensor, relu: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias); the parameter gradients in the accumulation dtype."""
+    """(dx, dweight, dbias); the parameter gradients in the accumulation dtype, each shaped as its
+    parameter ((C,) or (N, C); (C,) for None)."""
     return tuple(_in_backward(backend, dy, x, weight, bias, mean, rstd, relu))
 
 
 @instance_norm_backward_op.register_fake
 def _(dy, x, weight, bias, mean, rstd, relu, backend):
-    return _fake_grads(x)
+    return _fake_grads(x, weight, bias)
 
 
 def _param_grads(ctx, dweight: Tensor, dbias: Tensor, weight: Tensor | None, bias: Tensor | None):
@@ -143,7 +153,7 @@ def batch_norm_backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias
 
 @batch_norm_backward_op.register_fake
 def _(dy, x, weight, bias, mean, var, training, eps, relu, backend):
-    return _fake_grads(x)
+    return _fake_grads(x, weight, bias)
 
 
 def _bn_setup_context(ctx, inputs, output):
@@ -175,21 +185,27 @@ def _check_flag(value: object, name: str) -> bool:
     return value
 
 
-def _check_channel_vector(t: Tensor | None, name: str, x: Tensor) -> None:
+def _check_channel_vector(t: Tensor | None, name: str, x: Tensor, *, per_sample: bool = False) -> None:
+    """``t`` is None or a (C,) tensor on x's device; or, where ``per_sample``, an (N, C) one."""
     if t is None:
         return
-    check_tensor(t, name, ndim=1)
-    if t.shape[0] != x.shape[1]:
-        raise ValueError(f"{name}: expected shape ({x.shape[1]},) (x has {x.shape[1]} channels), got {tuple(t.shape)}")
+    n, c = x.shape[:2]
+    check_tensor(t, name, ndim=(1, 2) if per_sample else 1)
+    if per_sample and tuple(t.shape) not in ((c,), (n, c)):
+        raise ValueError(f"{name}: expected shape ({c},) or ({n}, {c}) (x has {n} samples of {c} channels), "
+                         f"got {tuple(t.shape)}")
+    if not per_sample and t.shape[0] != c:
+        raise ValueError(f"{name}: expected shape ({c},) (x has {c} channels), got {tuple(t.shape)}")
     check_same_device(x, "x", t, name)
 
 
-def _check_common(x, weight, bias, eps, relu, residual) -> tuple[float, Tensor | None]:
+def _check_common(x, weight, bias, eps, relu, residual, *, per_sample: bool) -> tuple[float, Tensor | None]:
     """-> (eps, residual); under autocast a residual of another float dtype is cast to x's, as
-    the add ``norm(x) + residual`` would promote it there."""
+    the add ``norm(x) + residual`` would promote it there. ``per_sample``: weight and bias may be
+    (N, C) (instance norm)."""
     check_image(x, "x")
-    _check_channel_vector(weight, "weight", x)
-    _check_channel_vector(bias, "bias", x)
+    _check_channel_vector(weight, "weight", x, per_sample=per_sample)
+    _check_channel_vector(bias, "bias", x, per_sample=per_sample)
     if residual is not None:
         check_tensor(residual, "residual")
         check_same_shape(x, "x", residual, "residual")
@@ -214,7 +230,9 @@ def instance_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None =
     Args:
         x: (N, C, H, W) float16/bfloat16/float32/float64, H·W > 1, any memory format (the
             output keeps it: channels_last in, channels_last out).
-        weight, bias: (C,) γ and β, or None (1 and 0); any float dtype.
+        weight, bias: γ and β, each (C,), or (N, C) for one scale and shift per sample and
+            channel (conditional instance norm: γ[n, c], β[n, c]), or None (1 and 0); any
+            float dtype. Their gradients have their shapes.
         eps: ε > 0.
         relu: apply ReLU after the affine transform.
         residual: a tensor of x's shape and dtype added last, or None (under autocast any
@@ -223,7 +241,7 @@ def instance_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None =
     Returns:
         y, shaped and typed as x. Statistics accumulate in float32 (float64 for float64 x).
     """
-    eps, residual = _check_common(x, weight, bias, eps, relu, residual)
+    eps, residual = _check_common(x, weight, bias, eps, relu, residual, per_sample=True)
     if x.shape[2] * x.shape[3] == 1:
         # As F.instance_norm: one spatial element has no variance to normalise by.
         raise ValueError(f"x: expected more than 1 spatial element (H·W > 1), got shape {tuple(x.shape)}")
@@ -232,7 +250,8 @@ def instance_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None =
 
 def instance_norm_relu(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5, *,
                        backend: str | None = None) -> Tensor:
-    """``instance_norm(x, weight, bias, eps, relu=True)``: instance norm followed by ReLU."""
+    """``instance_norm(x, weight, bias, eps, relu=True)``: instance norm followed by ReLU (weight
+    and bias (C,) or (N, C) as there)."""
     return instance_norm(x, weight, bias, eps, relu=True, backend=backend)
 
 
@@ -256,7 +275,7 @@ def batch_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
             module's batch count: use :class:`fastperc.nn.BatchNorm2d`.
         eps: ε > 0. relu, residual, backend: as :func:`instance_norm`.
     """
-    eps, residual = _check_common(x, weight, bias, eps, relu, residual)
+    eps, residual = _check_common(x, weight, bias, eps, relu, residual, per_sample=False)
     _check_flag(training, "training")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean, running_var: expected both or neither, got "

@@ -5,7 +5,8 @@ The launcher signatures are those of ``fastperc.kernels.norm`` (and of the refer
 accumulation dtype (float32, float64 for float64 inputs) and G = N (instance) or 1 (batch):
 
     instance_norm_forward(x, weight, bias, residual, eps, relu) -> (y, mean (2, G, C), rstd (G, C))
-    instance_norm_backward(dy, x, weight, bias, mean, rstd, relu) -> (dx, dweight (C,), dbias (C,))
+    instance_norm_backward(dy, x, weight, bias, mean, rstd, relu) -> (dx, dweight, dbias)
+        (instance norm's weight and bias (C,) or (N, C) each; their gradients shaped alike)
     batch_norm_forward(x, weight, bias, residual, running_mean, running_var, training, eps, relu)
         -> (y, mean (2, 1, C), var (1, C))
     batch_norm_backward(dy, x, weight, bias, mean, var, training, eps, relu) -> (dx, dweight, dbias)
@@ -30,7 +31,7 @@ from fastperc.rules import acc_dtype, natural_format, running_stats
 
 
 def _channel(t: Tensor | None, acc: torch.dtype, per_sample: bool) -> Tensor | None:
-    """(C,) or (G, C) -> (G or 1, C, 1, 1) in ``acc``."""
+    """(C,) or (G, C) (per sample where ``per_sample``) -> (G or 1, C, 1, 1) in ``acc``."""
     if t is None:
         return None
     t = t.to(acc)
@@ -45,8 +46,16 @@ def _two_sum(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _scale(weight: Tensor | None, rstd: Tensor, acc: torch.dtype) -> Tensor:
-    """rstd γ, broadcastable over (N, C, H, W)."""
-    return rstd if weight is None else rstd * _channel(weight, acc, False)
+    """rstd γ, broadcastable over (N, C, H, W); γ (C,) or (N, C) (instance norm only)."""
+    return rstd if weight is None else rstd * _channel(weight, acc, True)
+
+
+def _param_grad(terms: Tensor, param: Tensor | None, per_sample: bool) -> Tensor:
+    """Per-statistic sums (G, C, 1, 1) -> the gradient of ``param``: (N, C) for a per-sample
+    parameter, else summed over the statistics to (C,)."""
+    if param is not None and param.dim() == 2:
+        return terms.reshape(param.shape)
+    return (terms.sum(dim=0) if per_sample else terms).reshape(-1)
 
 
 def _sum_of_squares(d: Tensor, per_sample: bool) -> Tensor:
@@ -91,7 +100,7 @@ def _forward(x, weight, bias, residual, eps, relu, per_sample, stats=None):
         d.sub_(_channel(mean[1], acc, per_sample))
     # d is x − μ now; y = d · rstd γ + β
     scale = _scale(weight, torch.rsqrt(_channel(var, acc, per_sample) + eps), acc)
-    y = d.mul_(scale) if bias is None else torch.addcmul(_channel(bias, acc, False), d, scale, out=d)
+    y = d.mul_(scale) if bias is None else torch.addcmul(_channel(bias, acc, True), d, scale, out=d)
     if relu:
         y.relu_()
     if residual is not None:
@@ -107,7 +116,7 @@ def _backward(dy, x, weight, bias, mean, rstd, relu, per_sample, centred):
     xm = torch.empty_like(x, dtype=acc)
     torch.sub(x, _channel(mean[0], acc, per_sample), out=xm).sub_(_channel(mean[1], acc, per_sample))
     if relu:  # g = dy · [z > 0], built in z's buffer
-        g = xm * scale if bias is None else torch.addcmul(_channel(bias, acc, False), xm, scale)
+        g = xm * scale if bias is None else torch.addcmul(_channel(bias, acc, True), xm, scale)
         g.gt_(0).mul_(dy)
     else:
         g = dy if dy.dtype == acc else dy.to(acc)
@@ -122,8 +131,7 @@ def _backward(dy, x, weight, bias, mean, rstd, relu, per_sample, centred):
         dx.addcmul_(xm, -scale * rstd * b / m)
     if dx.stride() != xm.stride():  # dy's layout leaked in (relu=False): lay dx out as x
         dx = torch.empty_like(xm).copy_(dx)
-    dweight = (b.sum(dim=0) if per_sample else b).reshape(-1)
-    dbias = (a.sum(dim=0) if per_sample else a).reshape(-1)
+    dweight, dbias = _param_grad(b, weight, per_sample), _param_grad(a, bias, per_sample)
     return (dx if dx.dtype == x.dtype else dx.to(x.dtype)), dweight, dbias
 
 
