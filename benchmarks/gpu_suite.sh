@@ -11,7 +11,7 @@
 #               benchmarks/wheels where missing. Then the extension builds in the background
 #               (phase cuda_build: just in time, CUDA_HOME from nvcc's real location, MAX_JOBS
 #               jobs); its failure is never fatal: the cuda tests and rows are then absent
-#   tests       the op test modules on CUDA (-k "not cpu": the CPU cases run in CI), in parallel
+#   tests       the test modules with CUDA cases (-k "not cpu": the CPU cases run in CI), in parallel
 #               with pytest-xdist, a per-test timeout (pytest-timeout); JUnit XML
 #   cuda_tests  waits for the extension, then tests/test_cuda_kernels.py, tests/test_cuda_backend.py
 #   ops         fastperc bench per op: bf16, then fp32; eager, triton, cuda
@@ -57,12 +57,9 @@ else
   default_caps="env=30 install=150 cuda_build=300 tests=180 cuda_tests=90 ops=170 e2e=80 compile=600"
   default_slack="ops=20 e2e=25 compile=60"
   tests=${FASTPERC_TESTS:-}
-  if [ -z "$tests" ]; then
-    for f in tests/test_backends.py tests/test_batch_norm.py tests/test_feature_loss.py tests/test_gram.py \
-             tests/test_instance_norm.py tests/test_nn_norm.py tests/test_op_contract.py \
-             tests/test_strided_parameters.py tests/test_style_loss.py tests/test_tv_loss.py \
-             tests/test_upsampling_convs.py; do
-      [ -f "$f" ] && tests="$tests $f"
+  if [ -z "$tests" ]; then  # the modules with CUDA cases: they use the device helpers of tests/
+    for f in $(grep -lE 'backend_device_params|TRITON_DEVICE|ON_GPU|DEVICES|op_table' tests/test_*.py); do
+      case $f in tests/test_cuda_kernels.py|tests/test_cuda_backend.py) ;; *) tests="$tests $f" ;; esac
     done
   fi
   test_filter=(-k "not cpu")

@@ -1,11 +1,13 @@
 """`fastperc bench` on the CPU: the table, the results JSON, the streamed rows, the selection
-options, the deadline, a failing measurement, and bad options (one line, exit status 2)."""
+options, the deadline, a failing measurement, bad options (one line, exit status 2), and the
+float32 precision the rows report."""
 import dataclasses
 import json
 
 import pytest
+import torch
 
-from fastperc.bench import cases, report, runner
+from fastperc.bench import cases, precision, report, runner
 from fastperc.commands.cli import main
 
 QUICK_LOSSES = ["bench", "--quick", "--ops", "feature_loss,tv_loss"]
@@ -146,3 +148,53 @@ def test_bad_options_are_one_line_errors(argv, needles, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
     for needle in needles:
         assert needle.format(tmp=tmp_path) in err
+
+
+_PRECISION_SETTINGS = [("", "fp32_precision"), ("cuda.matmul", "fp32_precision"), ("cudnn", "fp32_precision"),
+                       ("cudnn.conv", "fp32_precision"), ("cudnn.rnn", "fp32_precision")]
+
+
+@pytest.fixture
+def restore_precision_settings():
+    """Restores torch's float32 precision settings through the new API, which leaves the legacy
+    flags readable again."""
+    def node(path):
+        obj = torch.backends
+        for name in filter(None, path.split(".")):
+            obj = getattr(obj, name)
+        return obj
+
+    saved = [(node(p), a, getattr(node(p), a)) for p, a in _PRECISION_SETTINGS if hasattr(node(p), a)]
+    yield
+    for obj, attr, value in saved:
+        setattr(obj, attr, value)
+
+
+def test_fp32_rows_say_which_precision_their_products_ran_in(restore_precision_settings):
+    """Nothing runs: the rows' precision comes from the op, the provider and torch's settings."""
+    conv = cases.Case(cases.SPECS["upsample_conv2d"], "up1", (1, 8, 4, 4), torch.float32, "fwd", "cuda")
+    gram = dataclasses.replace(conv, spec=cases.SPECS["gram"])
+    norm = dataclasses.replace(conv, spec=cases.SPECS["instance_norm_relu"])
+    backends = torch.backends
+    if not hasattr(backends.cudnn.conv, "fp32_precision"):
+        pytest.skip(f"torch {torch.__version__} has no per-backend fp32_precision")
+    backends.cudnn.conv.fp32_precision = "tf32"  # cuDNN's default
+    backends.cuda.matmul.fp32_precision = "ieee"
+    assert [conv.precision(p) for p in ("eager", "compile", "torch", "triton")] == ["tf32", "tf32", "tf32", "ieee"]
+    assert gram.precision("eager") == gram.precision("triton") == "ieee"
+    assert norm.precision("eager") == norm.precision("cuda") == "ieee"
+    backends.cuda.matmul.fp32_precision = "tf32"  # reading allow_tf32 now raises in torch >= 2.9
+    assert conv.precision("triton") == gram.precision("eager") == "tf32" and norm.precision("triton") == "ieee"
+    backends.cudnn.conv.fp32_precision = "ieee"
+    assert conv.precision("eager") == "ieee"
+    assert dataclasses.replace(conv, dtype=torch.bfloat16).precision("eager") is None
+    assert dataclasses.replace(conv, device="cpu").precision("triton") == "ieee"  # no TF32 on a CPU
+
+
+def test_precision_reads_the_legacy_flags_too(restore_precision_settings):
+    torch.backends.cudnn.allow_tf32 = False
+    assert not precision.conv_tf32() and precision.fp32_precision(("conv",), "cuda") == "ieee"
+    torch.backends.cudnn.allow_tf32 = True
+    assert precision.conv_tf32() and precision.fp32_precision(("matmul", "conv"), "cuda") == "tf32"
+    with pytest.raises(ValueError, match="unit"):
+        precision.tf32("tensor-core")

@@ -15,12 +15,10 @@ import torch.nn.functional as F
 
 import fastperc
 from fastperc import reference
-from fastperc.rules import matmul_tf32
+import helpers
 from helpers import (
     LAYOUTS,
     ON_GPU,
-    TF32_TOLERANCE,
-    TOLERANCE,
     assert_close,
     backend_device_params,
     make_input,
@@ -131,13 +129,9 @@ def forward_backward_params() -> list:
 
 
 def tolerance(backend: str, device: str, dtype: torch.dtype) -> float:
-    """cuDNN runs float32 convolutions in TF32 unless torch.backends.cudnn.allow_tf32 is off."""
-    if (device == "cuda" and dtype == torch.float32 and backend in ("reference", "torch")
-            and torch.backends.cudnn.allow_tf32):
-        return TF32_TOLERANCE
-    if device == "cuda" and dtype == torch.float32 and matmul_tf32():
-        return TF32_TOLERANCE
-    return TOLERANCE[dtype]
+    """TF32's on CUDA where the backend's float32 convolution runs in TF32: cuDNN's (the
+    reference and torch backends) by default, Triton's tl.dot where matmuls allow it."""
+    return helpers.tolerance(dtype, device, op="upsample_conv2d", backend=backend)
 
 
 def check_forward_backward(op: ConvOp, backend, device, dtype, shape, layout, bias) -> None:
