@@ -31,12 +31,11 @@ from fastperc import reference
 from helpers import (
     DEVICES,
     LAYOUTS,
-    TF32_TOLERANCE,
-    TOLERANCE,
     assert_close,
     backends_for,
     make_input,
     reference_grads,
+    tolerance,
 )
 
 F32 = torch.float32
@@ -84,21 +83,6 @@ def cases(shapes: Iterable, variants: Iterable[dict], layouts: Iterable[str] = L
     return tuple(Case(s, v, lay, dtype) for s, v, lay in itertools.product(shapes, variants, layouts))
 
 
-def exact_tolerance(backend: str, device: str, dtype: torch.dtype) -> float:
-    return TOLERANCE[dtype]
-
-
-def tolerance(backend: str, device: str, dtype: torch.dtype) -> float:
-    """The tolerance where float32 convolutions and dots may run in TF32 on the GPU: cuDNN
-    does unless torch.backends.cudnn.allow_tf32 is off, the Triton dots follow the matmul flag."""
-    if (device == "cuda" and dtype == torch.float32 and backend in ("reference", "torch")
-            and torch.backends.cudnn.allow_tf32):
-        return TF32_TOLERANCE
-    if device == "cuda" and dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return TF32_TOLERANCE
-    return TOLERANCE[dtype]
-
-
 @dataclass(frozen=True)
 class OpEntry:
     name: str
@@ -122,7 +106,6 @@ class OpEntry:
     # Where the full set of cases would be slow: "reference" or "triton-interpreter" -> cases.
     cases_for: dict = field(default_factory=dict)
     oracle_backward_keeps_layout: bool = False  # the explicit dx is laid out like x
-    tolerance: Callable[[str, str, torch.dtype], float] = exact_tolerance
     # Backends whose gradcheck checks a random projection of the Jacobian (the interpreted
     # Triton kernels always: slow launches).
     gradcheck_fast_on: tuple[str, ...] = ()
@@ -144,6 +127,10 @@ class OpEntry:
         if not self.returns_loss:
             return dtype
         return torch.float64 if dtype == torch.float64 else torch.float32
+
+    def tolerance(self, backend: str, device: str, dtype: torch.dtype) -> float:
+        """TOLERANCE[dtype], TF32's where this op's float32 products run in TF32 (helpers.tolerance)."""
+        return tolerance(dtype, device, op=self.name, backend=backend)
 
     def gradcheck_fast(self, backend: str, device: str) -> bool:
         return interpreted(backend, device) or backend in self.gradcheck_fast_on
@@ -812,7 +799,6 @@ def _conv_entry(op: ConvOp) -> OpEntry:
         opchecks=_conv_opchecks(op),
         reference_shapes=((2, 3, 4, 1, 1), (2, 3, 4, 1, 4), (2, 3, 4, 3, 2), (2, 3, 4, 5, 3)),
         autocast_rounds=("weight", "bias"),  # every float input in the autocast dtype, as F.conv2d
-        tolerance=tolerance,
         bad_inputs=_conv_bad_inputs(op),
     )
 
