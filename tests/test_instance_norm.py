@@ -129,6 +129,26 @@ def test_instance_norm_relu_is_instance_norm_with_relu():
     assert torch.equal(fastperc.instance_norm_relu(x, w, b, 1e-3), fastperc.instance_norm(x, w, b, 1e-3, relu=True))
 
 
+def test_compile_fullgraph_residual_block():
+    """Two fused norms in one graph, as in a residual block (norm + ReLU, then norm + the
+    skip); tests/test_op_contract.py compiles one op at a time."""
+    x = make_input((2, 3, 6, 5), layout="channels_last").requires_grad_(True)
+    w, b = _param(3, "cpu").requires_grad_(True), _param(3, "cpu", seed=1).requires_grad_(True)
+    r = make_input((2, 3, 6, 5)).requires_grad_(True)
+
+    def block(norm, x, w, b, r):
+        return norm(norm(x, w, b, relu=True), w, b, residual=r)
+
+    y = torch.compile(lambda *t: block(fastperc.instance_norm, *t), fullgraph=True)(x, w, b, r)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, w, b, r], dy)
+    ref, ref_grads = reference_grads(lambda *t: block(reference.instance_norm, *t), [x, w, b, r], dy)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_close(y, ref, torch.float32)
+    for g, rg in zip(grads, ref_grads):
+        assert_close(g, rg, torch.float32)
+
+
 @pytest.mark.parametrize("backend,device", backend_device_params(with_dtype=False))
 def test_deterministic(backend, device):
     x = make_input((2, 3, 40, 30), torch.float32, device).requires_grad_(True)
