@@ -13,7 +13,7 @@ from here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -287,8 +287,8 @@ def dtypes_for(device: str) -> list[torch.dtype]:
     return [torch.float32, torch.bfloat16] if device == "cuda" else [torch.float32]
 
 
-def iter_cases(device: str, *, quick: bool = False, ops: list[str] | None = None,
-               dtypes: list[torch.dtype] | None = None) -> Iterator[Case]:
+def iter_cases(device: str, *, quick: bool = False, ops: Sequence[str] | None = None,
+               dtypes: Sequence[torch.dtype] | None = None) -> Iterator[Case]:
     """Every case to run on ``device``; small shapes on a CPU or with ``quick``.
 
     Ordered for a run that a deadline may cut: by dtype (in the order given; default
@@ -317,7 +317,7 @@ def known_providers() -> list[str]:
     return names
 
 
-def providers(device: str, spec: OpSpec | None = None, wanted: list[str] | None = None) -> list[str]:
+def providers(device: str, spec: OpSpec | None = None, wanted: Sequence[str] | None = None) -> list[str]:
     """The providers to measure on ``device`` (for ``spec``'s op), in the order of ``wanted``.
 
     By default: eager, compile (on the GPU, where compiling each shape pays), fastperc's
@@ -344,9 +344,9 @@ def providers(device: str, spec: OpSpec | None = None, wanted: list[str] | None 
                     and (spec is None or (spec.fastperc_op or spec.name) in CUDA_OPS))
         return p in competitors
 
-    return [p for p in (wanted if wanted is not None else list(PROVIDERS) + competitors) if runs(p)]
+    return [p for p in (list(wanted) if wanted is not None else list(PROVIDERS) + competitors) if runs(p)]
 
 
-def case_providers(device: str, cases: list[Case], wanted: list[str] | None = None) -> list[tuple[Case, str]]:
+def case_providers(device: str, cases: list[Case], wanted: Sequence[str] | None = None) -> list[tuple[Case, str]]:
     """Every (case, provider) pair to measure."""
     return [(case, provider) for case in cases for provider in providers(device, case.spec, wanted)]

@@ -14,7 +14,7 @@ and by dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -42,7 +42,7 @@ class EndToEndCase:
         return f"{self.task}-{self.size[0]}x{self.size[1]}-b{self.batch}"
 
 
-def iter_cases(device: str, *, quick: bool = False, tasks: list[str] | None = None) -> Iterator[EndToEndCase]:
+def iter_cases(device: str, *, quick: bool = False, tasks: Sequence[str] | None = None) -> Iterator[EndToEndCase]:
     """Inference at 512^2, 1024^2 and 3840x2160 and the training step at batch 4, 256^2 on
     CUDA; smaller on a CPU or with ``quick``. ``tasks`` chooses and orders them."""
     if device == "cuda" and not quick:
@@ -56,7 +56,8 @@ def iter_cases(device: str, *, quick: bool = False, tasks: list[str] | None = No
     return iter(cases)
 
 
-def providers(device: str, wanted: list[str] | None = None, dtypes: list[torch.dtype] | None = None) -> list[str]:
+def providers(device: str, wanted: Sequence[str] | None = None,
+              dtypes: Sequence[torch.dtype] | None = None) -> list[str]:
     """The end-to-end providers to measure on ``device``: by default the device's (fp32 only on
     a CPU unless ``dtypes`` asks for more); ``wanted`` (op-level provider names, see
     :func:`op_provider`) and ``dtypes`` narrow them."""

@@ -29,7 +29,7 @@ import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Iterator
 
 import torch
 
@@ -91,15 +91,21 @@ class JsonlWriter:
         self.stream.close()
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The documents a streamed file holds, one per run that appended to it. A line cut off
-    mid-write (the run was killed) is dropped."""
-    documents: list[dict] = []
+def json_lines(path: Path) -> Iterator[dict]:
+    """The objects of a JSON-lines file, but a line cut off mid-write (its writer was killed)."""
     for line in Path(path).read_text().splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict):
+            yield record
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The documents a streamed file holds, one per run that appended to it."""
+    documents: list[dict] = []
+    for record in json_lines(path):
         section = record.pop("section", None)
         if section == "meta":
             documents.append({"not_started": 0, **record, **{s: [] for s in SECTIONS}})

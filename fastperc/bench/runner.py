@@ -65,9 +65,7 @@ def op_measurements(device: str, selection: Selection) -> Iterator[Measurement]:
     ops = [op for op in selection.ops if op in op_cases.SPECS]
     if not ops:
         return
-    wanted = list(selection.providers) if selection.providers is not None else None
-    dtypes = list(selection.dtypes) if selection.dtypes is not None else None
-    cases = list(op_cases.iter_cases(device, quick=selection.quick, ops=ops, dtypes=dtypes))
+    cases = list(op_cases.iter_cases(device, quick=selection.quick, ops=ops, dtypes=selection.dtypes))
     compiled: dict = {}  # one torch.compile per case, shared by the fwd and fwd+bwd runs
     rounds = 3 if selection.quick else 5
 
@@ -84,7 +82,7 @@ def op_measurements(device: str, selection: Selection) -> Iterator[Measurement]:
             row["precision"] = case.precision(provider)
         return row
 
-    for case, provider in op_cases.case_providers(device, cases, wanted):
+    for case, provider in op_cases.case_providers(device, cases, selection.providers):
         yield Measurement("results", case.id, provider, lambda c=case, p=provider: measure(c, p))
 
 
@@ -92,8 +90,6 @@ def end_to_end_measurements(device: str, selection: Selection) -> Iterator[Measu
     tasks = [t for t in selection.ops if t in end_to_end.TASKS]
     if not tasks:
         return
-    wanted = list(selection.providers) if selection.providers is not None else None
-    dtypes = list(selection.dtypes) if selection.dtypes is not None else None
     rounds = 2 if selection.quick else 3
 
     def measure(case: end_to_end.EndToEndCase, provider: str) -> dict:
@@ -105,7 +101,7 @@ def end_to_end_measurements(device: str, selection: Selection) -> Iterator[Measu
         return row
 
     for case in end_to_end.iter_cases(device, quick=selection.quick, tasks=tasks):
-        for provider in end_to_end.providers(device, wanted, dtypes):
+        for provider in end_to_end.providers(device, selection.providers, selection.dtypes):
             yield Measurement("end_to_end", case.id, provider, lambda c=case, p=provider: measure(c, p))
 
 

@@ -23,7 +23,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from fastperc.bench.report import SECTIONS, format_table, merge, read_jsonl
+from fastperc.bench.report import SECTIONS, format_table, json_lines, merge, read_jsonl
 
 COUNTS = ("passed", "failed", "errors", "skipped")
 
@@ -50,15 +50,7 @@ def test_counts(paths: list[Path]) -> dict | None:
 
 def read_phases(path: Path) -> dict:
     """{name: {status, seconds, note}} from the suite's phase lines (a cut-off line is dropped)."""
-    phases = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            phases[record.pop("name")] = record
-    return phases
+    return {r.pop("name"): r for r in json_lines(path) if "name" in r} if path.is_file() else {}
 
 
 def finish(out: Path) -> dict:
