@@ -14,7 +14,8 @@
 #   tests       the test modules with CUDA cases (-k "not cpu": the CPU cases run in CI), in parallel
 #               with pytest-xdist, a per-test timeout (pytest-timeout); JUnit XML
 #   cuda_tests  waits for the extension, then tests/test_cuda_kernels.py, tests/test_cuda_backend.py
-#   ops         fastperc bench per op: bf16, then fp32; eager, triton, cuda
+#   ops         fastperc bench per op: eager, triton, cuda; the first shape of every op in bf16,
+#               then in fp32, before the second shapes
 #   e2e         the training step and inference: pytorch/examples eager and fastperc, bf16 and fp32
 #   compile     the torch.compile baselines with the time left, bf16 first, one shape per op first
 # then finish (fastperc.bench.suite): results.json (the bench document with tests and phases),
@@ -55,7 +56,7 @@ if [ $dry = 1 ]; then
 else
   device=cuda budget=${FASTPERC_SUITE_BUDGET:-520}
   default_caps="env=30 install=150 cuda_build=300 tests=180 cuda_tests=90 ops=170 e2e=80 compile=600"
-  default_slack="ops=20 e2e=25 compile=60"
+  default_slack="ops=20 e2e=25 compile=40"
   tests=${FASTPERC_TESTS:-}
   if [ -z "$tests" ]; then  # the modules with CUDA cases: they use the device helpers of tests/
     for f in $(grep -lE 'backend_device_params|TRITON_DEVICE|ON_GPU|DEVICES|op_table' tests/test_*.py); do
@@ -83,8 +84,10 @@ allot() {  # allot NAME: seconds for phase NAME, the smaller of its cap and what
   echo $((c < left ? c : left))
 }
 say() { echo "[suite $((SECONDS - start))s] $*" | tee -a "$log"; }
-record() {  # record NAME STATUS SECONDS NOTE
-  printf '{"name": "%s", "status": "%s", "seconds": %d, "note": "%s"}\n' "$1" "$2" "$3" "${4//\"/\'}" \
+record() {  # record NAME STATUS SECONDS NOTE (the note kept JSON-safe: no quotes, backslashes, controls)
+  local note
+  note=$(printf '%s' "${4:-}" | tr -d '\\\000-\037' | tr '"' "'")
+  printf '{"name": "%s", "status": "%s", "seconds": %d, "note": "%s"}\n' "$1" "$2" "$3" "$note" \
     >>"$out/phases.jsonl"
   say "phase $1: $2 after $3 s${4:+ ($4)}"
 }

@@ -126,9 +126,12 @@ def test_dtypes_choose_the_input_dtypes_in_their_order():
     assert {c.op for c in selected if c.dtype == dtypes[0]} == {"gram", "tv_loss"}
 
 
-def test_one_shape_of_every_op_comes_before_a_second_shape():
-    ops = [c.op for c in cases.iter_cases("cpu", ops=["gram", "feature_loss"]) if c.mode == "fwd"]
-    assert ops[:2] == ["gram", "feature_loss"] and ops[2:] == ["gram"] * (len(cases.SPECS["gram"].shapes) - 1)
+def test_one_shape_of_every_op_in_every_dtype_comes_before_a_second_shape():
+    bf16, fp32 = cases.DTYPES["bf16"], cases.DTYPES["fp32"]
+    order = [(c.op, c.dtype) for c in cases.iter_cases("cpu", ops=["gram", "feature_loss"], dtypes=[bf16, fp32])
+             if c.mode == "fwd"]
+    assert order[:4] == [("gram", bf16), ("feature_loss", bf16), ("gram", fp32), ("feature_loss", fp32)]
+    assert order[4:6] == [("gram", bf16), ("gram", fp32)] and len(order) == 4 + 2 * (len(cases.SPECS["gram"].shapes) - 1)
 
 
 @pytest.mark.parametrize("argv,needles", [

@@ -291,15 +291,15 @@ def iter_cases(device: str, *, quick: bool = False, ops: Sequence[str] | None = 
                dtypes: Sequence[torch.dtype] | None = None) -> Iterator[Case]:
     """Every case to run on ``device``; small shapes on a CPU or with ``quick``.
 
-    Ordered for a run that a deadline may cut: by dtype (in the order given; default
-    :func:`dtypes_for`), then one shape of every op (in the order of ``ops``; default SPECS)
-    before the second shape of any."""
+    Ordered for a run that a deadline may cut: the first shape of every op (in the order of
+    ``ops``; default SPECS) in every dtype (in the order of ``dtypes``; default
+    :func:`dtypes_for`) before the second shape of any."""
     small = quick or device != "cuda"
     shapes = {name: list(scaled(SPECS[name].shapes, small).items())[:1 if quick else None]
               for name in (ops if ops is not None else SPECS)}
     depth = max((len(v) for v in shapes.values()), default=0)
-    for dtype in dtypes or dtypes_for(device):
-        for rank in range(depth):
+    for rank in range(depth):
+        for dtype in dtypes or dtypes_for(device):
             for name, labelled in shapes.items():
                 if rank >= len(labelled):
                     continue
