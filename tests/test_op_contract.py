@@ -81,8 +81,8 @@ def test_oracle_backward_matches_autograd(entry, shape, variant):
 
 @pytest.mark.parametrize("entry,backend,device", _backend_params())
 def test_gradcheck_float64(entry, backend, device):
-    """The whole Jacobian, or a random projection of it on the backends the entry names as
-    slow (the interpreted Triton kernels always)."""
+    """The whole Jacobian, or a random projection of it where the entry says so (the
+    interpreted Triton kernels, slow, unless the entry says otherwise)."""
     for variant in entry.gradcheck_variants:
         inputs = entry.make(entry.gradcheck_shape, torch.float64, device, "contiguous", variant)
         names = inputs.leaves
