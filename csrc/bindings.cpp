@@ -96,6 +96,37 @@ template <typename A> const A* opt_ptr(const std::optional<Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<A>() : nullptr;
 }
 
+// γ and β as contiguous acc-typed tensors on x's device (read only), each (C,) or, for
+// instance norm (`per_sample`), also (N, C), with their row strides (0 for (C,), C for (N, C)).
+struct Affine {
+  OptTensor weight, bias;
+  int64_t weight_sn = 0, bias_sn = 0;
+
+  template <typename A> NormAffine<A> pointers() const {
+    return NormAffine<A>{opt_ptr<A>(weight), opt_ptr<A>(bias), weight_sn, bias_sn};
+  }
+};
+
+Tensor affine_param(const Tensor& t, const Tensor& x, bool per_sample, const char* what, int64_t& row_stride) {
+  const int64_t n = x.size(0), c = x.size(1);
+  const bool rows = per_sample && t.dim() == 2 && t.size(0) == n && t.size(1) == c;
+  if (per_sample) {
+    TORCH_CHECK(rows || (t.dim() == 1 && t.size(0) == c), what, ": expected shape (", c, ") or (", n, ", ", c,
+                "), got ", t.sizes());
+  } else {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == c, what, ": expected shape (", c, "), got ", t.sizes());
+  }
+  row_stride = rows ? c : 0;
+  return channel_vector(t, x, t.numel(), what);
+}
+
+Affine affine_params(const OptTensor& weight, const OptTensor& bias, const Tensor& x, bool per_sample) {
+  Affine a;
+  if (weight.has_value()) a.weight = affine_param(*weight, x, per_sample, "weight", a.weight_sn);
+  if (bias.has_value()) a.bias = affine_param(*bias, x, per_sample, "bias", a.bias_sn);
+  return a;
+}
+
 cudaStream_t current_stream(const Tensor& x) { return c10::cuda::getCurrentCUDAStream(x.get_device()).stream(); }
 
 // ---- tv_loss ------------------------------------------------------------------------------
@@ -175,9 +206,8 @@ Triple norm_forward_impl(const Tensor& x_in, const OptTensor& weight_in, const O
   const int64_t G = per_sample ? x.size(0) : 1;
   const NormShape shape = norm_shape(x, per_sample);
   const auto acc = x.options().dtype(acc_type(x.scalar_type()));
-  OptTensor weight, bias, residual;
-  if (weight_in.has_value()) weight = channel_vector(*weight_in, x, C, "weight");
-  if (bias_in.has_value()) bias = channel_vector(*bias_in, x, C, "bias");
+  const Affine affine = affine_params(weight_in, bias_in, x, per_sample);
+  OptTensor residual;
   if (residual_in.has_value()) {
     check_like(*residual_in, x_in, "residual");
     residual = like_layout(*residual_in, x);
@@ -199,7 +229,7 @@ Triple norm_forward_impl(const Tensor& x_in, const OptTensor& weight_in, const O
     using A = acc_t<scalar_t>;
     const scalar_t* r = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
     C10_CUDA_CHECK(norm_forward<scalar_t>(
-        x.const_data_ptr<scalar_t>(), opt_ptr<A>(weight), opt_ptr<A>(bias), r, eps, relu, given.has_value(),
+        x.const_data_ptr<scalar_t>(), affine.pointers<A>(), r, eps, relu, given.has_value(),
         /*stat_is_var=*/!per_sample, shape, plan, workspace.data_ptr<A>(), mean.data_ptr<A>(), stat.data_ptr<A>(),
         coef.data_ptr<A>(), y.data_ptr<scalar_t>(), device, current_stream(x)));
   });
@@ -220,21 +250,20 @@ Triple norm_backward_impl(const Tensor& dy_in, const Tensor& x_in, const OptTens
   const int64_t G = per_sample ? x.size(0) : 1;
   const NormShape shape = norm_shape(x, per_sample);
   const auto acc = x.options().dtype(acc_type(x.scalar_type()));
-  OptTensor weight, bias;
-  if (weight_in.has_value()) weight = channel_vector(*weight_in, x, C, "weight");
-  if (bias_in.has_value()) bias = channel_vector(*bias_in, x, C, "bias");
+  const Affine affine = affine_params(weight_in, bias_in, x, per_sample);
   const Tensor mean = channel_vector(mean_in, x, 2 * G * C, "mean");
   const Tensor stat = channel_vector(stat_in, x, G * C, per_sample ? "rstd" : "var");
   const NormPlan plan = norm_plan(shape, device);
   Tensor workspace = at::empty({norm_workspace(shape, plan)}, acc);
   Tensor coef = at::empty({4 * G * C}, acc);
   Tensor dx = at::empty_like(x);
-  Tensor dweight = at::empty({C}, acc);
-  Tensor dbias = at::empty({C}, acc);
+  // Each gradient shaped as its parameter: (N, C) for a per-sample one, else (C,).
+  Tensor dweight = affine.weight_sn != 0 ? at::empty({x.size(0), C}, acc) : at::empty({C}, acc);
+  Tensor dbias = affine.bias_sn != 0 ? at::empty({x.size(0), C}, acc) : at::empty({C}, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastperc.norm_backward", [&] {
     using A = acc_t<scalar_t>;
     C10_CUDA_CHECK(norm_backward<scalar_t>(
-        dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), opt_ptr<A>(weight), opt_ptr<A>(bias),
+        dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), affine.pointers<A>(),
         mean.const_data_ptr<A>(), stat.const_data_ptr<A>(), eps, relu, /*stat_is_var=*/!per_sample, centred, shape,
         plan, workspace.data_ptr<A>(), coef.data_ptr<A>(), dx.data_ptr<scalar_t>(), dweight.data_ptr<A>(),
         dbias.data_ptr<A>(), device, current_stream(x)));
@@ -272,6 +301,14 @@ Triple batch_norm_forward_cuda(const Tensor& x, const OptTensor& weight, const O
   return norm_forward_impl(x, weight, bias, residual, eps, relu, false, std::make_pair(mean, var));
 }
 
+// (splits, chunk) of the norm reductions for x, as the launchers choose them (for tests).
+std::tuple<int64_t, int64_t> norm_plan_cuda(const Tensor& x_in, bool per_sample) {
+  check_image(x_in, "norm_plan");
+  const Tensor x = dense(x_in);
+  const NormPlan plan = norm_plan(norm_shape(x, per_sample), x.get_device());
+  return {plan.splits, plan.chunk};
+}
+
 Triple batch_norm_backward_cuda(const Tensor& dy, const Tensor& x, const OptTensor& weight, const OptTensor& bias,
                                 const Tensor& mean, const Tensor& var, bool training, double eps, bool relu) {
   TORCH_CHECK(eps > 0, "batch_norm_backward: eps: expected a number > 0, got ", eps);
@@ -293,7 +330,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "-> (y, mean (2, N, C), rstd (N, C))");
   m.def("instance_norm_backward", &fastperc::instance_norm_backward_cuda, py::arg("dy"), py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("mean"), py::arg("rstd"), py::arg("relu"),
-        "-> (dx, dweight (C,), dbias (C,))");
+        "-> (dx, dweight, dbias): each (C,), or (N, C) for an (N, C) parameter");
+  m.def("norm_plan", &fastperc::norm_plan_cuda, py::arg("x"), py::arg("per_sample"),
+        "-> (splits, chunk): S is reduced in splits chunks of chunk positions per (n, c) row (for tests)");
   m.def("batch_norm_forward", &fastperc::batch_norm_forward_cuda, py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("residual"), py::arg("running_mean"), py::arg("running_var"), py::arg("training"), py::arg("eps"),
         py::arg("relu"), "-> (y, mean (2, 1, C), var (1, C)): batch statistics if training, else the running ones");

@@ -19,6 +19,12 @@ template <typename T> constexpr int kVec = 16 / static_cast<int>(sizeof(T));
 
 constexpr int kThreads = 256;  // threads per block of every main kernel
 constexpr int kWarps = kThreads / 32;
+// Memory-bound loops load this many independent 16-byte vectors per thread before using any
+// (several loads in flight per thread: one alone, at 4 blocks per SM, leaves HBM idle between
+// requests). Vectors of 8 half-precision elements take 8 registers each once unpacked, so for
+// them the loops load half as many (kUnrollFor<V>): registers decide how many blocks fit an SM.
+constexpr int kUnroll = 4;
+template <int V> constexpr int kUnrollFor = V >= 8 ? kUnroll / 2 : kUnroll;
 
 template <typename T, int V> struct alignas(sizeof(T) * V) Vec {
   T v[V];

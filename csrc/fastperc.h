@@ -71,25 +71,37 @@ struct NormPlan {
 };
 NormPlan norm_plan(const NormShape& shape, int device);
 
-// Workspace of the reductions, in acc_t: 2 * n * splits * c values.
+// Workspace of the reductions, in acc_t: the partials (2 * n * splits * c values) and the
+// backward's per-statistic sums (2 * G * c).
 inline int64_t norm_workspace(const NormShape& shape, const NormPlan& plan) {
-  return 2 * shape.n * plan.splits * shape.c;
+  return 2 * shape.n * plan.splits * shape.c + 2 * (shape.per_sample ? shape.n : 1) * shape.c;
 }
+
+// γ and β in acc_t, each null (1 and 0), (C,) or, for instance norm, (N, C) (one scale and
+// shift per sample: conditional instance norm). Element (b, c) is weight[b * weight_sn + c]:
+// the row stride is 0 for (C,) and C for (N, C).
+template <typename A> struct NormAffine {
+  const A* weight = nullptr;
+  const A* bias = nullptr;
+  int64_t weight_sn = 0;
+  int64_t bias_sn = 0;
+};
 
 // Forward. When `stats_given` (batch norm in eval mode) mean (2, G, C) and stat (G, C) are
 // read, else computed from x (into mean, and stat = rstd for instance norm, var for batch
 // norm). stat_is_var: stat holds the variance (rstd = 1/sqrt(var + eps)), else rstd.
-// weight, bias (C,) in acc_t or null; residual like x or null. coef: 4 * G * C acc_t scratch.
+// residual like x or null. coef: 4 * G * C acc_t scratch.
 template <typename T>
-cudaError_t norm_forward(const T* x, const acc_t<T>* weight, const acc_t<T>* bias, const T* residual,
+cudaError_t norm_forward(const T* x, const NormAffine<acc_t<T>>& affine, const T* residual,
                          double eps, bool relu, bool stats_given, bool stat_is_var, const NormShape& shape,
                          const NormPlan& plan, acc_t<T>* workspace, acc_t<T>* mean, acc_t<T>* stat,
                          acc_t<T>* coef, T* y, int device, cudaStream_t stream);
 
 // Backward. centred: the statistics are those of x (training), so dx has the mean terms.
-// dweight, dbias: (C,) acc_t, always written.
+// dweight, dbias: acc_t, always written: (C,), or (N, C) where the parameter's row stride
+// (affine.weight_sn, affine.bias_sn) is not 0.
 template <typename T>
-cudaError_t norm_backward(const T* dy, const T* x, const acc_t<T>* weight, const acc_t<T>* bias,
+cudaError_t norm_backward(const T* dy, const T* x, const NormAffine<acc_t<T>>& affine,
                           const acc_t<T>* mean, const acc_t<T>* stat, double eps, bool relu, bool stat_is_var,
                           bool centred, const NormShape& shape, const NormPlan& plan, acc_t<T>* workspace,
                           acc_t<T>* coef, T* dx, acc_t<T>* dweight, acc_t<T>* dbias, int device,

@@ -16,9 +16,22 @@
 // or all of them ("sum", "mean"): deterministic, no atomics.
 //   Bytes: read numel * itemsize; write/read n * parts * 4 (a few KB); write 4 per image.
 // Backward: dx = g_n (phi'(dh[i-1,j]) - phi'(dh[i,j]) + phi'(dw[i,j-1]) - phi'(dw[i,j])),
-// phi'(d) = 2d (p = 2) or sign(d) (p = 1, sign(0) = 0), differences outside the image 0; one
-// thread per vector, a grid-stride loop over each image.
+// phi'(d) = 2d (p = 2) or sign(d) (p = 1, sign(0) = 0), differences outside the image 0; a
+// grid-stride loop over each image's vectors.
 //   Bytes: read numel * itemsize, write numel * itemsize.
+//
+// Loads in flight: the forward's grid is 4 blocks per SM, so it loads two fp32/fp64 vectors per
+// thread (and their neighbours) before summing any: one 16-byte DRAM request at a time per
+// thread at 4 blocks per SM leaves HBM idle between requests (predicted 60-70% of bandwidth;
+// benchmarks/NOTES.md). The backward is left as it was: each vector already issues its 3-5
+// loads together, and a second vector per thread took 70-128 registers instead of 40 (sm_90),
+// halving the resident blocks: as many DRAM requests per SM as before.
+//
+// Floors on the H200 (~4.3 TB/s), fp32 (fp16/bf16: half): forward numel · 4 bytes read,
+// backward 2 · numel · 4 (read x, write dx). At the image TV is taken on, (4, 3, 256, 256):
+// 3.1 MB, 0.73 µs / 6.3 MB, 1.5 µs (launch-bound: a few µs each). At the DESIGN.md activation
+// shapes, for comparison: (4, 32, 256, 256) 33.6 MB 7.8 µs / 67.1 MB 15.6 µs; (4, 64, 128, 128)
+// 16.8 MB 3.9 µs / 33.6 MB 7.8 µs; (4, 128, 64, 64) 8.4 MB 2.0 µs / 16.8 MB 3.9 µs.
 #include "common.cuh"
 
 namespace fastperc {
@@ -64,27 +77,52 @@ __global__ void __launch_bounds__(kThreads) tv_partial_kernel(const T* __restric
   for (int64_t img = blockIdx.y; img < n; img += gridDim.y) {
     const T* xi = x + img * int64_t(vecs_per_image) * V;
     A acc = A(0);
-    for (uint32_t k = begin + threadIdx.x; k < end; k += kThreads) {
-      const uint32_t off = k * V;
-      const uint32_t row = ix.row_len.div(off);
-      const uint32_t f = off - row * len;
-      const Vec<T, V> cv = load_vec<V>(xi + off);
-      A c[V];
+    // U vectors a thread: first every load (the vector, the one below, the right neighbour),
+    // then the sums. Two fp32/fp64 vectors (up to six loads) in flight take 48-54 registers,
+    // so the grid's 4 blocks per SM stay resident (sm_90, ptxas -v); fp16/bf16 took 78 at two
+    // (3 blocks), so they load one at a time.
+    constexpr int U = V >= 8 ? 1 : 2;
+    for (uint32_t k0 = begin + threadIdx.x; k0 < end; k0 += kThreads * U) {
+      Vec<T, V> cv[U], dv[U], rv[U];
+      T right[U];
+      bool has_below[U], has_right[U];
 #pragma unroll
-      for (int e = 0; e < V; ++e) c[e] = to_acc(cv.v[e]);
-      if (ix.height.mod(row) < ix.last_row) {
-        const Vec<T, V> dv = load_vec<V>(xi + off + len);
-#pragma unroll
-        for (int e = 0; e < V; ++e) acc += tv_term<P>(to_acc(dv.v[e]) - c[e]);
+      for (int u = 0; u < U; ++u) {
+        has_below[u] = has_right[u] = false;
+        const uint32_t k = k0 + u * kThreads;
+        if (k >= end) continue;
+        const uint32_t off = k * V;
+        const uint32_t row = ix.row_len.div(off);
+        const uint32_t f = off - row * len;
+        cv[u] = load_vec<V>(xi + off);
+        has_below[u] = ix.height.mod(row) < ix.last_row;
+        if (has_below[u]) dv[u] = load_vec<V>(xi + off + len);
+        if (step == 1) {
+          has_right[u] = f + V < len;
+          if (has_right[u]) right[u] = xi[off + V];
+        } else {
+          has_right[u] = f + step < len;  // step is a multiple of V: the whole vector has a right neighbour
+          if (has_right[u]) rv[u] = load_vec<V>(xi + off + step);
+        }
       }
-      if (step == 1) {
 #pragma unroll
-        for (int e = 0; e + 1 < V; ++e) acc += tv_term<P>(c[e + 1] - c[e]);
-        if (f + V < len) acc += tv_term<P>(to_acc(xi[off + V]) - c[V - 1]);
-      } else if (f + step < len) {  // step is a multiple of V: the whole vector has a right neighbour
-        const Vec<T, V> rv = load_vec<V>(xi + off + step);
+      for (int u = 0; u < U; ++u) {
+        if (k0 + u * kThreads >= end) continue;
+        A c[V];
 #pragma unroll
-        for (int e = 0; e < V; ++e) acc += tv_term<P>(to_acc(rv.v[e]) - c[e]);
+        for (int e = 0; e < V; ++e) c[e] = to_acc(cv[u].v[e]);
+        if (has_below[u]) {
+#pragma unroll
+          for (int e = 0; e < V; ++e) acc += tv_term<P>(to_acc(dv[u].v[e]) - c[e]);
+        }
+        if (step == 1) {
+#pragma unroll
+          for (int e = 0; e + 1 < V; ++e) acc += tv_term<P>(c[e + 1] - c[e]);
+          if (has_right[u]) acc += tv_term<P>(to_acc(right[u]) - c[V - 1]);
+        } else if (has_right[u]) {
+#pragma unroll
+          for (int e = 0; e < V; ++e) acc += tv_term<P>(to_acc(rv[u].v[e]) - c[e]);
+        }
       }
     }
     acc = block_sum(acc, scratch);

@@ -9,7 +9,8 @@ import.
     tv_loss_forward(x, p, reduction) -> tv (N,) for "none", else 0-d; float32 (float64)
     tv_loss_backward(grad, x, p, reduction) -> dx, laid out as torch.empty_like(x)
     instance_norm_forward(x, weight, bias, residual, eps, relu) -> (y, mean (2, N, C), rstd (N, C))
-    instance_norm_backward(dy, x, weight, bias, mean, rstd, relu) -> (dx, dweight (C,), dbias (C,))
+    instance_norm_backward(dy, x, weight, bias, mean, rstd, relu) -> (dx, dweight, dbias)
+        (weight, bias each (C,) or (N, C); their gradients shaped alike)
     batch_norm_forward(x, weight, bias, residual, running_mean, running_var, training, eps, relu)
         -> (y, mean (2, 1, C), var (1, C))
     batch_norm_backward(dy, x, weight, bias, mean, var, training, eps, relu) -> (dx, dweight, dbias)
@@ -50,3 +51,4 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, tra
 
 def batch_norm_backward(dy, x, weight, bias, mean, var, training: bool, eps: float, relu: bool):
     return load().batch_norm_backward(dy, x, weight, bias, mean, var, training, eps, relu)
+

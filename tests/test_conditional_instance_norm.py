@@ -203,7 +203,8 @@ def test_opcheck_with_per_sample_params(backend, device):
 
 def test_compile_fullgraph_with_per_sample_params():
     x = make_input((2, 3, 6, 5), layout="channels_last").requires_grad_(True)
-    w, b = _param("nc", 2, 3, "cpu", seed=1).requires_grad_(True), _param("nc", 2, 3, "cpu", seed=2).requires_grad_(True)
+    w = _param("nc", 2, 3, "cpu", seed=1).requires_grad_(True)
+    b = _param("nc", 2, 3, "cpu", seed=2).requires_grad_(True)
     r = make_input((2, 3, 6, 5)).requires_grad_(True)
 
     def block(x, w, b, r):
@@ -223,7 +224,8 @@ def test_compile_fullgraph_with_per_sample_params():
 
 def test_autocast_with_per_sample_params():
     x = make_input((2, 3, 4, 5), torch.float32, "cpu").requires_grad_(True)
-    w, b = _param("nc", 2, 3, "cpu", seed=1).requires_grad_(True), _param("nc", 2, 3, "cpu", seed=2).requires_grad_(True)
+    w = _param("nc", 2, 3, "cpu", seed=1).requires_grad_(True)
+    b = _param("nc", 2, 3, "cpu", seed=2).requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         h = F.conv2d(x, torch.eye(3).view(3, 3, 1, 1))  # bf16
         y = fastperc.instance_norm_relu(h, w, b)

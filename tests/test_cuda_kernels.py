@@ -119,14 +119,21 @@ NORM_SHAPES = [(1, 1, 3, 1), (2, 3, 1, 7), (1, 5, 17, 19), (2, 37, 3, 5), (2, 30
                (2, 16, 16, 16)]
 
 
-def _norm_case(kind, dtype, layout, shape, relu, with_residual, affine, *, training=True, scale=2.0, offset=0.5):
+def _rows(n, c, seed, scale=0.5, base=1.0):
+    """An (N, C) per-sample parameter on the GPU (conditional instance norm)."""
+    return torch.stack([_param(c, seed + 10 * i, scale, base) for i in range(n)])
+
+
+def _norm_case(kind, dtype, layout, shape, relu, with_residual, affine, *, training=True, scale=2.0, offset=0.5,
+               params="c"):
     """One forward and backward of the cuda launchers against reference.<kind>_forward/backward
-    in float64, statistics included, plus a bitwise-equal rerun."""
+    in float64, statistics included, plus a bitwise-equal rerun. ``params``: weight and bias
+    (C,) ("c"), (N, C) ("nc"), or a (C,) weight with an (N, C) bias ("mixed")."""
     cb = _cuda_backend()
     n, c = shape[:2]
     x = _input(shape, dtype, layout, scale=scale, offset=offset)
-    w = _param(c, 1) if affine else None
-    b = _param(c, 2, 0.3, 0.0) if affine else None
+    w = (_rows(n, c, 1) if params == "nc" else _param(c, 1)) if affine else None
+    b = (_param(c, 2, 0.3, 0.0) if params == "c" else _rows(n, c, 2, 0.3, 0.0)) if affine else None
     r = _input(shape, dtype, "contiguous", seed=3) if with_residual else None
     dy = _input(shape, dtype, "contiguous", seed=4)
     eps = 1e-5
@@ -158,7 +165,8 @@ def _norm_case(kind, dtype, layout, shape, relu, with_residual, affine, *, train
     assert_close(stat, ref[2], torch.float32, tol=1e-5 if acc == torch.float32 else 1e-9, what="rstd/var")
     dx, dweight, dbias = grads
     assert dx.dtype == dtype and dx.stride() == torch.empty_like(x).stride()
-    assert dweight.dtype == acc and dbias.dtype == acc and dweight.shape == (c,)
+    assert dweight.dtype == acc and dbias.dtype == acc
+    assert dweight.shape == (w.shape if w is not None else (c,)) and dbias.shape == (b.shape if b is not None else (c,))
     assert_close(dx, ref_grads[0], dtype, tol=tol, what="dx")
     assert_close(dweight, ref_grads[1], dtype, tol=tol, what="dweight")
     assert_close(dbias, ref_grads[2], dtype, tol=tol, what="dbias")
@@ -206,6 +214,70 @@ def test_norm_kernels_keep_precision_with_a_large_mean(kind, layout):
     _norm_case(kind, torch.float32, layout, (2, 16, 64, 64), True, False, True, scale=0.01, offset=1000.0)
 
 
+# Conditional instance norm: (N, C) weight and bias (and a (C,) weight with an (N, C) bias).
+@gpu_test
+@pytest.mark.parametrize("params", ["nc", "mixed"])
+@pytest.mark.parametrize("relu,with_residual", [(False, False), (True, True)], ids=["plain", "relu-res"])
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=str)
+@pytest.mark.parametrize("layout", GPU_LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_instance_norm_kernels_with_per_sample_params(dtype, layout, shape, relu, with_residual, params):
+    _norm_case("instance_norm", dtype, layout, shape, relu, with_residual, True, params=params)
+
+
+@gpu_test
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(4, 32, 256, 256), (4, 128, 64, 64)], ids=str)
+def test_instance_norm_kernels_with_per_sample_params_on_training_shapes(shape, layout):
+    _norm_case("instance_norm", torch.bfloat16, layout, shape, True, True, True, params="nc")
+
+
+def _norm_plan(x, per_sample):
+    from fastperc._cuda_ext import load
+
+    return load().norm_plan(x, per_sample)
+
+
+# The finalize kernels merge 1, 3, 7 and many partials per statistic: (shape, layout, splits).
+# Planar rows split into chunks of at least 2048 positions, channels_last ones of 64; with one
+# row (or channel tile) of work the split is then ceil(S / 2048) or ceil(S / 64), capped by
+# 4 blocks per SM (528 on an H200; these cases need a GPU of 16 SMs or more).
+FINALIZE_CASES = [
+    ((1, 1, 32, 40), "contiguous", 1),
+    ((1, 1, 48, 128), "contiguous", 3),       # 6144 = 3 · 2048
+    ((1, 1, 56, 200), "contiguous", 6),       # 11200: chunks of 1872, the last 1840
+    ((1, 1, 112, 128), "contiguous", 7),      # 14336 = 7 · 2048
+    ((1, 2, 256, 256), "contiguous", 32),
+    ((1, 16, 8, 56), "channels_last", 7),     # 448 = 7 · 64
+    ((1, 3, 21, 64), "channels_last", 21),    # C = 3: a finalize block of 4 channel lanes
+    ((2, 40, 64, 64), "channels_last", 64),   # C = 40: two finalize channel tiles
+]
+
+
+@gpu_test
+@pytest.mark.parametrize("kind", ["instance_norm", "batch_norm"])
+@pytest.mark.parametrize("shape,layout,splits", FINALIZE_CASES, ids=[f"{c[0]}-{c[1]}" for c in FINALIZE_CASES])
+def test_norm_finalize_merges_odd_numbers_of_partials(kind, shape, layout, splits):
+    """The plan splits as intended (so the finalize merges that many partials per statistic,
+    N times as many for batch norm), and every statistic and gradient matches the reference."""
+    x = _input(shape, torch.float32, layout)
+    got, chunk = _norm_plan(x, kind == "instance_norm")
+    n, c, h, w = shape
+    assert got == splits and (splits - 1) * chunk < h * w <= splits * chunk
+    _norm_case(kind, torch.float32, layout, shape, True, True, True)
+
+
+@gpu_test
+@pytest.mark.parametrize("kind", ["instance_norm", "batch_norm"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_norm_finalize_keeps_a_large_mean_over_many_partials(kind, layout):
+    """Mean 1000, spread 0.01, split into 32 (planar) or 64 (channels_last) partials per row."""
+    shape = (1, 2, 256, 256) if layout == "contiguous" else (2, 40, 64, 64)
+    assert _norm_plan(_input(shape, torch.float32, layout), kind == "instance_norm")[0] >= 32
+    for params in ("c", "nc") if kind == "instance_norm" else ("c",):
+        _norm_case(kind, torch.float32, layout, shape, True, False, True, scale=0.01, offset=1000.0, params=params)
+
+
 # -- on a CUDA GPU: through the ops (autograd, gradcheck) ------------------------------------
 
 
@@ -242,5 +314,8 @@ def test_gradcheck_in_float64_through_the_ops():
     assert torch.autograd.gradcheck(
         lambda t, w, b, r: fastperc.instance_norm(t, w, b, relu=False, residual=r, backend="cuda"), (x, w, b, r))
     assert torch.autograd.gradcheck(lambda t, w, b: fastperc.batch_norm(t, w, b, backend="cuda"), (x, w, b))
+    w_rows = _rows(2, 3, 3).double().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda t, w, b, r: fastperc.instance_norm(t, w, b, relu=True, residual=r, backend="cuda"), (x, w_rows, b, r))
 
 
