@@ -198,13 +198,14 @@ SPECS: dict[str, OpSpec] = {
 }
 
 
-def _norm_inputs(shape, dtype, device, *, residual=False, running=False):
-    """A convolution's output (signed, not centred), affine parameters, and optionally a
-    residual or running statistics."""
+def _norm_inputs(shape, dtype, device, *, residual=False, running=False, per_sample=False):
+    """A convolution's output (signed, not centred), affine parameters ((N, C) where
+    ``per_sample``: conditional instance norm), and optionally a residual or running statistics."""
     c = shape[1]
+    pshape = (shape[0], c) if per_sample else (c,)
     x = (torch.randn(shape, device=device) * 3 + 0.5).to(dtype).requires_grad_(True)
-    w = (1 + 0.1 * torch.randn(c, device=device)).requires_grad_(True)
-    b = (0.1 * torch.randn(c, device=device)).requires_grad_(True)
+    w = (1 + 0.1 * torch.randn(pshape, device=device)).requires_grad_(True)
+    b = (0.1 * torch.randn(pshape, device=device)).requires_grad_(True)
     inputs = [x, w, b]
     if residual:
         inputs.append(torch.randn(shape, device=device).to(dtype).requires_grad_(True))
@@ -218,9 +219,21 @@ def _norm_bytes(tensors_fwd: int):
     return lambda sh, s, mode: _numel(sh) * s * (tensors_fwd if mode == "fwd" else tensors_fwd + 3)
 
 
+def _conditional_instance_norm_relu(x, weight, bias):
+    """The eager composition for per-sample (N, C) γ, β: the unscaled norm, then the affine."""
+    y = torch.nn.functional.instance_norm(x)
+    return torch.relu(y * weight[:, :, None, None] + bias[:, :, None, None])
+
+
 SPECS.update({
     "instance_norm_relu": OpSpec(
         "instance_norm_relu", TRANSFORMER, _norm_inputs, baselines.instance_norm_relu, _norm_bytes(2),
+        layouts=("nchw", "channels_last")),
+    # Conditional instance norm (one γ, β per sample and channel), beside the (C,) case above.
+    "instance_norm_relu_per_sample": OpSpec(
+        "instance_norm_relu_per_sample", TRANSFORMER,
+        lambda sh, dt, dev: _norm_inputs(sh, dt, dev, per_sample=True),
+        _conditional_instance_norm_relu, _norm_bytes(2), fastperc_op="instance_norm_relu",
         layouts=("nchw", "channels_last")),
     "instance_norm_residual": OpSpec(
         "instance_norm_residual", TRANSFORMER,
