@@ -264,6 +264,18 @@ template <typename A> __device__ __forceinline__ A part_lane_sum(A v, A* scratch
   return scratch[threadIdx.x % ct];
 }
 
+// Where a finalize block's thread works: channel c of its tile (active while c < C), part lane
+// ty of `lanes`, statistic row g, whose partial p is at offset + p · C.
+struct FinalizeLane {
+  int ty, lanes;
+  uint32_t c;
+  int64_t g, parts, offset;
+  bool active;
+  __device__ FinalizeLane(const Geo& geo, int ct)
+      : ty(int(threadIdx.x) / ct), lanes(kThreads / ct), c(uint32_t(blockIdx.x) * ct + threadIdx.x % ct),
+        g(blockIdx.y), parts(geo.parts()), offset(g * parts * geo.C + c), active(c < geo.C) {}
+};
+
 template <typename A>
 __device__ __forceinline__ void write_coef(A* coef, int64_t gc, int64_t i, int64_t g, uint32_t c, A rstd,
                                            const NormAffine<A>& affine) {
@@ -285,32 +297,29 @@ __global__ void __launch_bounds__(kThreads) norm_stats_finalize(const T* __restr
                                                                 acc_t<T>* __restrict__ coef) {
   using A = acc_t<T>;
   __shared__ A scratch[kThreads];
-  const int lanes = kThreads / ct;
-  const int ty = threadIdx.x / ct;
-  const uint32_t c = uint32_t(blockIdx.x) * ct + threadIdx.x % ct;
-  const int64_t g = blockIdx.y;
-  const bool active = c < geo.C;
-  const int64_t parts = geo.parts();
-  const A* pm = pmean + g * parts * geo.C + c;  // partial p of this statistic at pm[p * C]
-  const A* p2 = pm2 + g * parts * geo.C + c;
+  const FinalizeLane t(geo, ct);
+  const A* pm = pmean + t.offset;  // partial p of this statistic at pm[p * C]
+  const A* p2 = pm2 + t.offset;
   // Positions of the statistic: N·S can pass 2^31 for batch norm, so it is formed in A.
   const A total = A(geo.per_sample ? 1 : geo.n) * A(geo.S);
   A s1 = A(0);
-  if (active) {
+  if (t.active) {
 #pragma unroll kUnroll
-    for (int64_t p = ty; p < parts; p += lanes) s1 += A(geo.part_count(p)) * pm[p * geo.C];
+    for (int64_t p = t.ty; p < t.parts; p += t.lanes) s1 += A(geo.part_count(p)) * pm[p * geo.C];
   }
   const A mean_d = part_lane_sum(s1, scratch, ct) / total;
   A s2 = A(0);
-  if (active) {
+  if (t.active) {
 #pragma unroll kUnroll
-    for (int64_t p = ty; p < parts; p += lanes) {
+    for (int64_t p = t.ty; p < t.parts; p += t.lanes) {
       const A dev = pm[p * geo.C] - mean_d;
       s2 += p2[p * geo.C] + A(geo.part_count(p)) * (dev * dev);
     }
   }
   const A m2 = part_lane_sum(s2, scratch, ct);
-  if (ty != 0 || !active) return;
+  if (t.ty != 0 || !t.active) return;
+  const uint32_t c = t.c;
+  const int64_t g = t.g;
   const int64_t gc = geo.groups() * geo.C;
   const int64_t i = g * geo.C + c;
   const A var = m2 / total;
@@ -631,27 +640,22 @@ __global__ void __launch_bounds__(kThreads) norm_grad_finalize(Geo geo, int ct, 
                                                                A* __restrict__ coef, A* __restrict__ row_a,
                                                                A* __restrict__ row_b) {
   __shared__ A scratch[kThreads];
-  const int lanes = kThreads / ct;
-  const int ty = threadIdx.x / ct;
-  const uint32_t c = uint32_t(blockIdx.x) * ct + threadIdx.x % ct;
-  const int64_t g = blockIdx.y;
-  const bool active = c < geo.C;
-  const int64_t parts = geo.parts();
-  const A* qa = pa + g * parts * geo.C + c;
-  const A* qb = pb + g * parts * geo.C + c;
+  const FinalizeLane t(geo, ct);
+  const A* qa = pa + t.offset;
+  const A* qb = pb + t.offset;
   A sa = A(0), sb = A(0);
-  if (active) {
+  if (t.active) {
 #pragma unroll kUnroll
-    for (int64_t p = ty; p < parts; p += lanes) {
+    for (int64_t p = t.ty; p < t.parts; p += t.lanes) {
       sa += qa[p * geo.C];
       sb += qb[p * geo.C];
     }
   }
   sa = part_lane_sum(sa, scratch, ct);
   sb = part_lane_sum(sb, scratch, ct);
-  if (ty != 0 || !active) return;
+  if (t.ty != 0 || !t.active) return;
   const int64_t gc = geo.groups() * geo.C;
-  const int64_t i = g * geo.C + c;
+  const int64_t i = t.g * geo.C + t.c;
   const A m = geo.per_sample ? A(geo.S) : A(geo.n) * A(geo.S);
   const A scale = coef[kScale * gc + i];
   coef[kK1 * gc + i] = centred ? -scale * sa / m : A(0);
