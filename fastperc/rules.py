@@ -3,8 +3,8 @@
 Every rule that more than one layer or backend relies on is written here, once: the
 accumulation dtype, the natural memory format and the one-stride walk over H·W, the device
 facts that launch plans are computed from, the block-size arithmetic, the precision policy of
-float32 matrix products, the eval-mode batch-norm statistics and the phase decomposition of
-the upsampling convolution. This module imports torch and the standard library only (never
+float32 products (matrix products and convolutions), the eval-mode batch-norm statistics and
+the phase decomposition of the upsampling convolution. This module imports torch and the standard library only (never
 another fastperc module, never triton), so that every other module may import it.
 """
 from __future__ import annotations
@@ -127,6 +127,20 @@ def device_facts(device: torch.device) -> DeviceFacts:
 # -- precision policy ---------------------------------------------------------------------------
 
 
+def _tf32_setting(nodes, legacy) -> bool:
+    """The first of ``nodes``' ``fp32_precision`` that says "tf32" or "ieee" (torch's API since
+    2.9; "none" inherits from the next node), else the legacy flag ``legacy()``, which raises
+    RuntimeError once the new API has set the precision (torch's default then: no TF32)."""
+    for node in nodes:
+        precision = getattr(node, "fp32_precision", None)
+        if precision in ("tf32", "ieee"):
+            return precision == "tf32"
+    try:
+        return bool(legacy())
+    except RuntimeError:
+        return False
+
+
 def matmul_tf32() -> bool:
     """Whether torch allows TF32 for float32 matrix products on CUDA, read so that it works
     with both of torch's APIs: ``torch.backends.cuda.matmul.fp32_precision`` ("tf32", "ieee",
@@ -135,13 +149,17 @@ def matmul_tf32() -> bool:
     raises RuntimeError once the new API has set TF32, so it is read only as the last resort.)
     Read at every launch: a program may change it between calls."""
     matmul = torch.backends.cuda.matmul
-    for precision in (getattr(matmul, "fp32_precision", None), getattr(torch.backends, "fp32_precision", None)):
-        if precision in ("tf32", "ieee"):
-            return precision == "tf32"
-    try:
-        return bool(matmul.allow_tf32)
-    except RuntimeError:  # a mix of both APIs that "none" above did not resolve: torch's default
-        return False
+    return _tf32_setting((matmul, torch.backends), lambda: matmul.allow_tf32)
+
+
+def conv_tf32() -> bool:
+    """Whether torch lets cuDNN run float32 convolutions in TF32 (its default), read as
+    :func:`matmul_tf32` reads the matmul setting: ``torch.backends.cudnn.conv.fp32_precision``,
+    then ``torch.backends.cudnn.fp32_precision``, then ``torch.backends.fp32_precision`` (each
+    "none" inheriting from the next), where this torch has them, else the legacy
+    ``torch.backends.cudnn.allow_tf32``. Read at every launch."""
+    cudnn = torch.backends.cudnn
+    return _tf32_setting((getattr(cudnn, "conv", None), cudnn, torch.backends), lambda: cudnn.allow_tf32)
 
 
 def dot_precision(dtype: torch.dtype, tf32: bool) -> str:
@@ -151,10 +169,17 @@ def dot_precision(dtype: torch.dtype, tf32: bool) -> str:
     return "tf32" if dtype == torch.float32 and tf32 else "ieee"
 
 
-def tf32_allowed(facts: DeviceFacts) -> bool:
-    """TF32 products in compiled kernels where torch allows them (:func:`matmul_tf32`); never
-    under the interpreter, which computes every dot exactly."""
-    return facts.compiled and matmul_tf32()
+def tf32_allowed(facts: DeviceFacts, *, replaces: str = "matmul") -> bool:
+    """TF32 products in compiled kernels where torch allows them for the kind of op the kernel
+    replaces, never under the interpreter (which computes every dot exactly).
+
+    The policy: a fused op runs float32 in the precision of what it replaces. ``replaces``
+    "matmul" (the Gram and style-loss products, which replace bmm): :func:`matmul_tf32`, off
+    by default; "conv" (the upsampling convolutions, which replace cuDNN convolutions):
+    :func:`conv_tf32`, on by default."""
+    if replaces not in ("matmul", "conv"):
+        raise ValueError(f"replaces: expected 'matmul' or 'conv', got {replaces!r}")
+    return facts.compiled and (matmul_tf32() if replaces == "matmul" else conv_tf32())
 
 
 # -- normalisation statistics -------------------------------------------------------------------
